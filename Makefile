@@ -1,0 +1,46 @@
+# Every target builds its own virtual environment first; nothing depends on what is installed already.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# On this project's offline machines MNIST comes from ../shared; elsewhere tensorflow-datasets fetches it.
+SHARED_MNIST := $(abspath ../shared/datasets/mnist)
+ifneq ($(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte*),)
+export DIGITS_JAX_DATA_DIR ?= $(SHARED_MNIST)
+endif
+# XLA:CPU allocates one large temporary per step; huge pages make it much cheaper (docs: PERF_NOTES).
+export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
+# GPU=1 installs jax with CUDA 12 wheels instead of the CPU build.
+JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
+
+.PHONY: setup train seed eval runs test lint clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]' '$(JAX_SPEC)'
+	touch $@
+
+setup: $(VENV)/.installed
+
+train: setup  ## train the default config into runs/default and report its test accuracy
+	$(PY) -m digits_jax train --config default --workdir runs/default $(if $(RESUME),--resume) $(ARGS)
+
+seed: setup  ## the original Keras recipe (Adam 1e-4, 10 epochs)
+	$(PY) experiments/seed.py $(ARGS)
+
+eval: setup  ## make eval CKPT=runs/default
+	@test -n "$(CKPT)" || (echo "usage: make eval CKPT=RUN_DIR_OR_CHECKPOINT" >&2; exit 2)
+	$(PY) -m digits_jax eval --checkpoint $(CKPT) $(ARGS)
+
+runs: setup  ## compare every run under runs/
+	$(PY) -m digits_jax runs runs/*
+
+test: setup lint
+	$(PY) -m pytest -q $(ARGS)
+
+lint: setup
+	$(VENV)/bin/ruff check digits_jax tests experiments
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) runs

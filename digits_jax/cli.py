@@ -1,0 +1,96 @@
+"""The `digits-jax` command (also `python -m digits_jax`): parses arguments, then calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from digits_jax import config as config_lib
+
+
+def _train(args: argparse.Namespace) -> int:
+    from digits_jax import train
+
+    config = config_lib.get(args.config)
+    if args.data_dir:
+        config = config.replace(data_dir=args.data_dir)
+    config = config.with_overrides(args.set)
+    workdir = args.workdir or f"runs/{config.name}"
+    train.train_and_evaluate(config, workdir, resume=args.resume)
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from digits_jax import checkpoint, data, train
+
+    restored = checkpoint.restore(args.checkpoint, step=args.step)
+    config = restored.config.replace(data_dir=args.data_dir) if args.data_dir else restored.config
+    split = data.load(config)[args.split]
+    result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size)
+    recorded = restored.record.get(f"{args.split}_accuracy")
+    report = {"checkpoint": str(args.checkpoint), "epoch": restored.epoch, "split": args.split,
+              "count": result.count, "accuracy": result.accuracy, "loss": result.loss,
+              "recorded_accuracy": recorded, "per_class_accuracy": result.per_class_accuracy.tolist()}
+    if args.json:
+        print(json.dumps(report | {"confusion": result.confusion.tolist()}))
+        return 0
+    match = "" if recorded is None else (" (matches the accuracy recorded at save time)" if recorded == result.accuracy
+                                         else f" (recorded at save time: {100 * recorded:.2f}%)")
+    print(f"{args.checkpoint}, epoch {restored.epoch}: {args.split} accuracy {100 * result.accuracy:.2f}% "
+          f"on {result.count} images{match}, mean loss {result.loss:.4f}")
+    print("per-class accuracy: " + "  ".join(f"{c}: {100 * a:.1f}%" for c, a in enumerate(result.per_class_accuracy)))
+    print("confusion (rows true, columns predicted):")
+    print(result.confusion)
+    return 0
+
+
+def _runs(args: argparse.Namespace) -> int:
+    from digits_jax import runs
+
+    table = runs.table(args.workdirs)
+    print(table.to_string() if len(table) else "no runs found")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    """The argument parser of `digits-jax`."""
+    p = argparse.ArgumentParser(prog="digits-jax", description="Train and evaluate digit classifiers with JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a config, checkpointing every epoch, and report test accuracy")
+    t.add_argument("--config", default="default", choices=sorted(config_lib.PRESETS), help="preset to start from")
+    t.add_argument("--workdir", help="run directory (default: runs/CONFIG_NAME)")
+    t.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
+    t.add_argument("--data-dir", help="directory of IDX files (default: $DIGITS_JAX_DATA_DIR, else tfds)")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set epochs=3 (repeatable)")
+    t.set_defaults(run=_train)
+
+    e = sub.add_parser("eval", help="restore a checkpoint and evaluate it")
+    e.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/N directory")
+    e.add_argument("--step", default="best", help="epoch to restore, 'best' (by validation) or 'latest'")
+    e.add_argument("--split", default="test", choices=("test", "validation", "train"))
+    e.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
+    e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    e.set_defaults(run=_eval)
+
+    r = sub.add_parser("runs", help="print a table comparing run directories")
+    r.add_argument("workdirs", nargs="+", type=Path)
+    r.set_defaults(run=_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the process exit code."""
+    args = parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+        print(f"digits-jax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

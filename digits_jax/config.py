@@ -1,0 +1,124 @@
+"""One typed, frozen config drives a run; named presets change only what differs from `default()`."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Everything that decides what a run computes. Units are given beside each field."""
+
+    name: str = "default"
+    # Data.
+    dataset: str = "mnist"  # tfds name; "mnist" also checks IDX files against the official SHA-256 pins
+    data_dir: str | None = None  # IDX directory; None: $DIGITS_JAX_DATA_DIR, else tensorflow-datasets
+    validation_size: int = 5000  # images held out from the end of the training split to pick checkpoints
+    train_limit: int | None = None  # use only the first N training images (tests, smoke runs)
+    num_classes: int = 10
+    # Model.
+    model: str = "seed"  # a name in digits_jax.models.MODELS
+    # Optimisation.
+    optimizer: str = "adam"  # one of OPTIMIZERS
+    learning_rate: float = 1e-3  # peak learning rate, per batch of `batch_size` examples
+    schedule: str = "onecycle"  # one of SCHEDULES; stepped once per batch
+    weight_decay: float = 0.0  # decoupled (AdamW) or L2-on-gradient (SGD)
+    batch_size: int = 128  # examples per step
+    epochs: int = 6  # passes over the training split
+    seed: int = 0  # initial parameters, data order, dropout
+    # Evaluation and checkpoints.
+    eval_batch_size: int = 1000  # examples per evaluation step; the last batch is padded and masked
+    keep_checkpoints: int = 2  # latest checkpoints kept, plus the best by validation accuracy
+
+    def replace(self, **changes: Any) -> Config:
+        """Returns a copy with `changes` applied and validated."""
+        return dataclasses.replace(self, **changes).validated()
+
+    def validated(self) -> Config:
+        """Returns self, or raises ValueError naming the first impossible value and why."""
+        for field, minimum in (("batch_size", 1), ("epochs", 1), ("eval_batch_size", 1), ("num_classes", 2),
+                               ("keep_checkpoints", 1), ("validation_size", 0)):
+            value = getattr(self, field)
+            if not isinstance(value, int) or value < minimum:
+                raise ValueError(f"config.{field} = {value!r}: must be an integer >= {minimum}")
+        if self.train_limit is not None and self.train_limit < 1:
+            raise ValueError(f"config.train_limit = {self.train_limit!r}: must be None or an integer >= 1")
+        if not self.learning_rate > 0:
+            raise ValueError(f"config.learning_rate = {self.learning_rate!r}: must be > 0")
+        if self.weight_decay < 0:
+            raise ValueError(f"config.weight_decay = {self.weight_decay!r}: must be >= 0")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"config.optimizer = {self.optimizer!r}: choose one of {OPTIMIZERS}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"config.schedule = {self.schedule!r}: choose one of {SCHEDULES}")
+        from digits_jax.models import MODELS  # late import: models need not load to build a config
+
+        if self.model not in MODELS:
+            raise ValueError(f"config.model = {self.model!r}: choose one of {sorted(MODELS)}")
+        return self
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> Config:
+        """Builds a config from a saved dict; unknown keys are an error that names them."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known keys: {sorted(known)}")
+        return cls(**values).validated()
+
+    def with_overrides(self, assignments: list[str]) -> Config:
+        """Applies `key=value` strings (as typed on a command line), parsing values by the field's type."""
+        fields = {f.name: f for f in dataclasses.fields(self)}
+        changes: dict[str, Any] = {}
+        for assignment in assignments:
+            key, sep, text = assignment.partition("=")
+            if not sep or key not in fields:
+                raise ValueError(f"--set {assignment!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
+            changes[key] = _parse(key, text, fields[key].type)
+        return self.replace(**changes)
+
+
+def _parse(key: str, text: str, annotation: str) -> Any:
+    optional = annotation.endswith("| None")
+    if optional and text.lower() == "none":
+        return None
+    kind = {"str": str, "int": int, "float": float}[annotation.split(" |")[0]]
+    try:
+        return kind(text)
+    except ValueError:
+        raise ValueError(f"--set {key}={text}: cannot parse {text!r} as {kind.__name__}") from None
+
+
+def default() -> Config:
+    """The recommended run: seed CNN, Adam 1e-3 one-cycle, 6 epochs; >= 99.0% on MNIST."""
+    return Config().validated()
+
+
+def seed() -> Config:
+    """The original Keras recipe: seed CNN, constant Adam 1e-4, batch 128, 10 epochs (98.3%+ on MNIST)."""
+    return Config(name="seed", learning_rate=1e-4, schedule="constant", epochs=10).validated()
+
+
+def tiny() -> Config:
+    """A seconds-long run for tests: 512 training images, 2 epochs."""
+    return Config(name="tiny", train_limit=512, validation_size=128, batch_size=64, epochs=2,
+                  eval_batch_size=256).validated()
+
+
+PRESETS: dict[str, Callable[[], Config]] = {"default": default, "seed": seed, "tiny": tiny}
+
+
+def get(name: str) -> Config:
+    """Returns the preset called `name` (see PRESETS)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown config {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()

@@ -1,0 +1,34 @@
+"""The optax optimizer and learning-rate schedule that a config names."""
+
+from __future__ import annotations
+
+import optax
+
+from digits_jax.config import Config
+
+
+def schedule(config: Config, steps_per_epoch: int) -> optax.ScalarOrSchedule:
+    """Learning rate per step for `config.schedule`, peaking at `config.learning_rate`.
+
+    "constant" is a plain float, so the seed recipe is exactly `optax.adam(1e-4)`.
+    """
+    total = config.epochs * steps_per_epoch
+    if config.schedule == "constant":
+        return config.learning_rate
+    if config.schedule == "cosine":
+        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=total)
+    if config.schedule == "onecycle":
+        return optax.cosine_onecycle_schedule(total, config.learning_rate)
+    raise ValueError(f"config.schedule = {config.schedule!r} is not implemented")
+
+
+def optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """The optax transformation for `config.optimizer` with its schedule (`steps_per_epoch` sizes it)."""
+    lr = schedule(config, steps_per_epoch)
+    if config.optimizer == "adam":
+        return optax.adam(lr)
+    if config.optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd":
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, momentum=0.9))
+    raise ValueError(f"config.optimizer = {config.optimizer!r} is not implemented")

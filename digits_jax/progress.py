@@ -1,0 +1,68 @@
+"""Progress of a run on stdout: readable lines on a terminal, `key=value` lines when piped or logged."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any, TextIO
+
+import jax
+
+from digits_jax.config import Config
+
+
+class Progress:
+    """Prints one line when a run starts, one per epoch and a summary; only JAX process 0 prints."""
+
+    def __init__(self, epochs: int, stream: TextIO | None = None):
+        self.epochs = epochs
+        self.stream = stream if stream is not None else sys.stdout
+        self.tty = self.stream.isatty()
+        self.quiet = jax.process_index() != 0
+        self.started = time.perf_counter()
+
+    def _print(self, text: str) -> None:
+        if not self.quiet:
+            print(text, file=self.stream, flush=True)
+
+    def start(self, config: Config, epoch: int, steps_per_epoch: int, train_size: int) -> None:
+        device = jax.devices()[0]
+        where = f"{len(jax.devices())} x {device.device_kind} ({device.platform})"
+        if self.tty:
+            resumed = f", resuming after epoch {epoch}" if epoch else ""
+            self._print(f"digits-jax: config '{config.name}', model {config.model}, {train_size} training images, "
+                        f"{steps_per_epoch} steps/epoch on {where}{resumed}; the first epoch includes compilation")
+        else:
+            self._print(f"start config={config.name} model={config.model} train_images={train_size} "
+                        f"steps_per_epoch={steps_per_epoch} devices={where!r} start_epoch={epoch}")
+
+    def epoch(self, record: dict[str, Any]) -> None:
+        if not self.tty:
+            self._print("epoch " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "image_shape"))
+            return
+        parts = [f"epoch {record['epoch']:>3}/{self.epochs}", f"loss {record['train_loss']:.4f}",
+                 f"acc {100 * record['train_accuracy']:.2f}%"]
+        parts += [f"{split[:4]} {100 * record[f'{split}_accuracy']:.2f}%" for split in ("validation", "test")
+                  if f"{split}_accuracy" in record]
+        elapsed = time.perf_counter() - self.started
+        remaining = (self.epochs - record["epoch"]) * record["train_seconds"]
+        parts += [f"{record['images_per_second']:,.0f} img/s", f"{elapsed:.0f}s elapsed, ~{remaining:.0f}s left"]
+        self._print(" | ".join(parts))
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        final, best = summary["final"], summary["best"]
+        test = (f"test accuracy {100 * final['test_accuracy']:.2f}% after epoch {final['epoch']}; "
+                if "test_accuracy" in final else "")
+        chosen = (f"best by validation: epoch {best['epoch']} (validation {100 * best['validation_accuracy']:.2f}%, "
+                  f"test {100 * best.get('test_accuracy', float('nan')):.2f}%)" if "validation_accuracy" in best else "")
+        seconds = time.perf_counter() - self.started
+        if self.tty:
+            self._print(f"done in {seconds:.1f}s: {test}{chosen}; checkpoints in {summary['workdir']}")
+        else:
+            self._print(f"done seconds={seconds:.1f} final_epoch={final['epoch']} "
+                        f"final_test_accuracy={_fmt(final.get('test_accuracy'))} best_epoch={best['epoch']} "
+                        f"best_test_accuracy={_fmt(best.get('test_accuracy'))} workdir={summary['workdir']}")
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else str(value)

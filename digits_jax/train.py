@@ -1,0 +1,231 @@
+"""Train state, the pure train step, on-device epochs and evaluation, and `train_and_evaluate`.
+
+Randomness never comes from a global generator: every draw is `fold_in` of the state's key with a
+stream id and a counter (epoch for the data order, step for dropout), so a resumed run draws the
+same numbers as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training import train_state
+
+from digits_jax import checkpoint, data, metrics, models, optim, progress
+from digits_jax.config import Config
+
+Batch = dict[str, jax.Array]  # {'image': (B, H, W, C) uint8, 'label': (B,) int32}
+SHUFFLE_STREAM, STEP_STREAM = 0, 1
+
+
+class TrainState(train_state.TrainState):
+    """Flax TrainState plus what exact resume needs; the whole pytree is what gets checkpointed.
+
+    Attributes beyond flax's (step, params, opt_state):
+      epoch: int32 scalar, completed epochs.
+      rng: uint32 (2,) key; per-epoch and per-step keys are folded from it.
+      model_state: non-parameter variable collections (e.g. batch statistics); empty for the seed CNN.
+    """
+
+    epoch: jax.Array
+    rng: jax.Array
+    model_state: dict[str, Any] = struct.field(default_factory=dict)
+
+    @property
+    def variables(self) -> dict[str, Any]:
+        return {"params": self.params, **self.model_state}
+
+
+def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int, ...],
+                       tx: optax.GradientTransformation) -> TrainState:
+    """Fresh state: parameters from `config.seed`, `image_shape` = (H, W, C) of one example."""
+    init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    variables = dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
+    params = variables.pop("params")
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
+                             rng=rng, model_state=variables)
+
+
+def preprocess(images: jax.Array) -> jax.Array:
+    """uint8 (B, H, W, C) -> float32 in [0, 1]."""
+    return images.astype(jnp.float32) / 255.0
+
+
+def _logits(state: TrainState, params: Any, images: jax.Array, train: bool,
+            key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
+    variables = {"params": params, **state.model_state}
+    x = preprocess(images)
+    rngs = {"dropout": key} if key is not None else {}
+    if train and state.model_state:
+        return state.apply_fn(variables, x, train=True, rngs=rngs, mutable=list(state.model_state))
+    return state.apply_fn(variables, x, train=train, rngs=rngs), state.model_state
+
+
+@jax.jit
+def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Metrics]:
+    """One optimizer step on a batch; pure and jitted.
+
+    Args:
+      state: TrainState.
+      batch: {'image': (B, H, W, C) uint8, 'label': (B,) int32}.
+    Returns:
+      (new state, metric sums {'loss', 'correct', 'count'} for the batch; see `metrics.compute`).
+    """
+    step_key = jax.random.fold_in(jax.random.fold_in(state.rng, STEP_STREAM), state.step)
+
+    def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict[str, Any]]]:
+        logits, model_state = _logits(state, params, batch["image"], train=True, key=step_key)
+        onehot = jax.nn.one_hot(batch["label"], logits.shape[-1])
+        losses = optax.softmax_cross_entropy(logits, onehot)
+        return losses.mean(), (losses, logits, model_state)
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    (_, (losses, logits, model_state)), grads = grad_fn(state.params)
+    state = state.apply_gradients(grads=grads, model_state=model_state)
+    batch_metrics = metrics.batch(losses, logits, batch["label"])
+    del batch_metrics["confusion"]  # Not needed for training and costs a matmul per step.
+    return state, batch_metrics
+
+
+@functools.partial(jax.jit, static_argnames="batch_size", donate_argnums=0)
+def train_epoch(state: TrainState, train_data: Batch, batch_size: int) -> tuple[TrainState, metrics.Metrics]:
+    """One shuffled pass over `train_data` as one compiled program; the incomplete last batch is skipped.
+
+    Args:
+      state: TrainState (donated: do not use it after the call).
+      train_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, resident on the device.
+      batch_size: examples per step; N // batch_size steps are taken.
+    Returns:
+      (state after the epoch, metric sums over the epoch).
+    """
+    n = train_data["label"].shape[0]
+    steps = n // batch_size
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, SHUFFLE_STREAM), state.epoch)
+    order = jax.random.permutation(key, n)[:steps * batch_size].reshape(steps, batch_size)
+
+    def body(state: TrainState, indices: jax.Array) -> tuple[TrainState, metrics.Metrics]:
+        return train_step(state, jax.tree.map(lambda a: a[indices], train_data))
+
+    state, step_metrics = jax.lax.scan(body, state, order)
+    summed = jax.tree.map(lambda m: m.sum(axis=0), step_metrics)
+    return state.replace(epoch=state.epoch + 1), summed
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
+def _evaluate_sums(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: Batch,
+                   batch_size: int) -> metrics.Metrics:
+    n = eval_data["label"].shape[0]
+    steps = -(-n // batch_size)
+    pad = steps * batch_size - n
+    padded = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), eval_data)
+    mask = jnp.arange(steps * batch_size) < n
+    batches = jax.tree.map(lambda a: a.reshape(steps, batch_size, *a.shape[1:]), (padded, mask))
+
+    def body(total: metrics.Metrics, batch: tuple[Batch, jax.Array]) -> tuple[metrics.Metrics, None]:
+        (batch_data, batch_mask) = batch
+        logits = apply_fn(variables, preprocess(batch_data["image"]), train=False)
+        onehot = jax.nn.one_hot(batch_data["label"], logits.shape[-1])
+        losses = optax.softmax_cross_entropy(logits, onehot)
+        return metrics.merge(total, metrics.batch(losses, logits, batch_data["label"], batch_mask)), None
+
+    num_classes = jax.eval_shape(lambda: apply_fn(variables, jnp.zeros((1, *eval_data["image"].shape[1:])),
+                                                  train=False)).shape[-1]
+    zero = jax.tree.map(jnp.zeros_like, metrics.batch(jnp.zeros(1), jnp.zeros((1, num_classes)),
+                                                      jnp.zeros(1, jnp.int32)))
+    total, _ = jax.lax.scan(body, zero, batches)
+    return total
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalResult:
+    """Accuracy (fraction), mean loss, example count and (C, C) confusion (rows true, columns predicted)."""
+
+    accuracy: float
+    loss: float
+    count: int
+    confusion: np.ndarray
+
+    @property
+    def per_class_accuracy(self) -> np.ndarray:
+        return metrics.per_class_accuracy(self.confusion)
+
+
+def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict[str, Any],
+             batch_size: int = 1000) -> EvalResult:
+    """Evaluates every example of `eval_data` on the device; the last batch is padded and masked.
+
+    Args:
+      apply_fn: `model.apply`, called as apply_fn(variables, images, train=False) -> (B, C) logits.
+      variables: {'params': ..., other collections}; `TrainState.variables` gives it.
+      eval_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, NumPy or device arrays.
+      batch_size: examples per compiled step.
+    """
+    sums = jax.device_get(_evaluate_sums(apply_fn, variables, eval_data, batch_size))
+    summary = metrics.compute(sums)
+    return EvalResult(accuracy=summary["accuracy"], loss=summary["loss"], count=summary["count"],
+                      confusion=np.asarray(sums["confusion"]))
+
+
+def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False, model: nn.Module | None = None,
+                       tx: optax.GradientTransformation | None = None,
+                       datasets: dict[str, dict[str, np.ndarray]] | None = None) -> TrainState:
+    """Trains `config` for its epochs, checkpointing into `workdir` after each, and reports test accuracy.
+
+    Args:
+      config: the run's Config.
+      workdir: run directory; gets config.json, metrics.jsonl and checkpoints/.
+      resume: continue from the newest checkpoint in `workdir` (required if one exists).
+      model: a Flax module called as model(x, train=...) -> logits; default `models.create(config.model)`.
+      tx: an optax transformation; default `optim.optimizer(config, ...)`.
+      datasets: {'train', 'validation', 'test'} splits as from `data.load`; default `data.load(config)`.
+    Returns:
+      The final TrainState.
+    """
+    config = config.validated()
+    log = progress.Progress(config.epochs)
+    start = time.perf_counter()
+    datasets = datasets if datasets is not None else data.load(config)
+    train = datasets["train"]
+    steps_per_epoch = len(train["label"]) // config.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"config.batch_size ({config.batch_size}) is larger than the training split "
+                         f"({len(train['label'])} images): lower it or use more data")
+    model = model if model is not None else models.create(config.model, config.num_classes)
+    tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
+    state = create_train_state(config, model, train["image"].shape[1:], tx)
+
+    run = checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints)
+    state = run.restore_or_start(state, resume=resume)
+    log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]))
+
+    device_data = jax.device_put(datasets)
+    while int(state.epoch) < config.epochs:
+        epoch_start = time.perf_counter()
+        state, sums = train_epoch(state, device_data["train"], config.batch_size)
+        train_summary = metrics.compute(jax.device_get(sums))
+        seconds = time.perf_counter() - epoch_start
+        record = {"epoch": int(state.epoch), "step": int(state.step), "image_shape": list(train["image"].shape[1:]),
+                  "train_loss": train_summary["loss"],
+                  "train_accuracy": train_summary["accuracy"], "train_seconds": seconds,
+                  "images_per_second": steps_per_epoch * config.batch_size / seconds}
+        for split in ("validation", "test"):
+            if len(datasets[split]["label"]):
+                result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size)
+                record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
+        record["wall_seconds"] = time.perf_counter() - start
+        run.save(state, record)
+        log.epoch(record)
+    run.close()
+    log.finish(run.summary())
+    return state

@@ -1,0 +1,35 @@
+"""Shared fixtures: real MNIST from ../shared (this project's machines are offline) and tiny runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
+
+if SHARED_MNIST.is_dir():
+    os.environ.setdefault("DIGITS_JAX_DATA_DIR", str(SHARED_MNIST))
+
+
+@pytest.fixture(scope="session")
+def mnist_dir() -> Path:
+    if not SHARED_MNIST.is_dir():
+        pytest.skip(f"real MNIST not found at {SHARED_MNIST}")
+    return SHARED_MNIST
+
+
+@pytest.fixture(scope="session")
+def tiny_config(mnist_dir):
+    from digits_jax import config
+
+    return config.tiny().replace(data_dir=str(mnist_dir))
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tiny_config):
+    from digits_jax import data
+
+    return data.load(tiny_config)

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+from digits_jax import checkpoint, train
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_config, tiny_data):
+    workdir = tmp_path_factory.mktemp("run")
+    state = train.train_and_evaluate(tiny_config, workdir, datasets=tiny_data)
+    return workdir, state
+
+
+def test_restore_gives_bitwise_equal_state_and_recorded_accuracy(finished_run, tiny_data, tiny_config):
+    workdir, state = finished_run
+    restored = checkpoint.restore(workdir, step="latest")
+    assert restored.epoch == tiny_config.epochs and restored.config == tiny_config
+    for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    result = train.evaluate(restored.state.apply_fn, restored.state.variables, tiny_data["test"],
+                            tiny_config.eval_batch_size)
+    assert result.accuracy == restored.record["test_accuracy"]
+    assert result.loss == restored.record["test_loss"]
+
+
+def test_restore_accepts_run_checkpoints_and_step_directories(finished_run):
+    workdir, _ = finished_run
+    by_step_dir = checkpoint.restore(workdir / "checkpoints" / "1")
+    by_number = checkpoint.restore(workdir / "checkpoints", step=1)
+    assert by_step_dir.epoch == by_number.epoch == 1
+    np.testing.assert_array_equal(by_step_dir.state.params["dense2"]["kernel"],
+                                  by_number.state.params["dense2"]["kernel"])
+    best = checkpoint.restore(workdir)
+    assert best.epoch == checkpoint.best_record(checkpoint.read_records(workdir))["epoch"]
+
+
+def test_restore_errors_name_the_path(tmp_path, finished_run):
+    with pytest.raises(FileNotFoundError, match=f"no checkpoint found at {tmp_path}"):
+        checkpoint.restore(tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no checkpoint for epoch 7; it has \[1, 2\]"):
+        checkpoint.restore(finished_run[0], step=7)
+
+
+@pytest.mark.parametrize("accuracies,best_epoch", [
+    ([0.5, 0.9, 0.7], 2),
+    ([0.9, 0.9, 0.8], 2),  # ties go to the later epoch, as Orbax's BestN keeps it
+    ([None, None], 2),  # no validation split: the last epoch
+])
+def test_best_record(accuracies, best_epoch):
+    records = [{"epoch": i + 1} | ({} if a is None else {"validation_accuracy": a}) for i, a in enumerate(accuracies)]
+    assert checkpoint.best_record(records)["epoch"] == best_epoch

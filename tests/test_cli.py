@@ -1,0 +1,64 @@
+"""A tiny end-to-end run through the command line, in fresh processes, as a user would type it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def digits_jax(*args, check=True):
+    result = subprocess.run([sys.executable, "-m", "digits_jax", *args], capture_output=True, text=True, cwd=REPO,
+                            timeout=300)
+    if check and result.returncode != 0:
+        raise AssertionError(f"digits-jax {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, mnist_dir):
+    workdir = tmp_path_factory.mktemp("cli") / "tiny"
+    result = digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir))
+    return workdir, result.stdout
+
+
+def test_train_prints_line_oriented_progress_when_piped(cli_run):
+    _, stdout = cli_run
+    lines = stdout.splitlines()
+    assert lines[0].startswith("start config=tiny model=seed train_images=512")
+    assert [line.split()[1] for line in lines if line.startswith("epoch ")] == ["epoch=1", "epoch=2"]
+    assert lines[-1].startswith("done ") and "final_test_accuracy=" in lines[-1]
+
+
+def test_eval_in_a_fresh_process_reproduces_the_recorded_accuracy(cli_run):
+    workdir, _ = cli_run
+    report = json.loads(digits_jax("eval", "--checkpoint", str(workdir), "--step", "latest", "--json").stdout)
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert report["epoch"] == 2 and report["count"] == 10_000
+    assert report["accuracy"] == records[-1]["test_accuracy"] == report["recorded_accuracy"]
+    assert len(report["per_class_accuracy"]) == 10 and len(report["confusion"]) == 10
+
+
+def test_runs_table_lists_the_run(cli_run):
+    workdir, _ = cli_run
+    out = digits_jax("runs", str(workdir)).stdout
+    assert str(workdir) in out and "best_test_%" in out
+
+
+def test_training_into_a_finished_run_is_refused_with_a_hint(cli_run, mnist_dir):
+    workdir, _ = cli_run
+    result = digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
+                        check=False)
+    assert result.returncode == 2
+    assert "already holds a run" in result.stderr and "--resume" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_bad_override_is_a_one_line_error():
+    result = digits_jax("train", "--set", "batch_size=0", check=False)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "digits-jax train: error: config.batch_size = 0: must be an integer >= 1"

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from digits_jax import config
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"batch_size": 0}, r"config.batch_size = 0: must be an integer >= 1"),
+    ({"epochs": -1}, r"config.epochs = -1"),
+    ({"learning_rate": -0.1}, r"config.learning_rate = -0.1: must be > 0"),
+    ({"learning_rate": 0.0}, r"config.learning_rate = 0.0: must be > 0"),
+    ({"model": "resnet"}, r"config.model = 'resnet': choose one of \['seed'"),
+    ({"optimizer": "lion"}, r"config.optimizer = 'lion'"),
+    ({"schedule": "step"}, r"config.schedule = 'step'"),
+    ({"train_limit": 0}, r"config.train_limit = 0"),
+    ({"weight_decay": -1.0}, r"config.weight_decay = -1.0"),
+])
+def test_impossible_values_are_named(changes, message):
+    with pytest.raises(ValueError, match=message):
+        config.default().replace(**changes)
+
+
+def test_presets_are_valid_and_seed_is_the_keras_recipe():
+    for name in config.PRESETS:
+        assert config.get(name).name == name
+    seed = config.seed()
+    assert (seed.model, seed.optimizer, seed.learning_rate, seed.schedule, seed.batch_size) == \
+        ("seed", "adam", 1e-4, "constant", 128)
+
+
+def test_overrides_parse_by_field_type():
+    c = config.default().with_overrides(["epochs=3", "learning_rate=0.01", "train_limit=100", "data_dir=/x"])
+    assert (c.epochs, c.learning_rate, c.train_limit, c.data_dir) == (3, 0.01, 100, "/x")
+    assert c.with_overrides(["train_limit=none"]).train_limit is None
+
+
+@pytest.mark.parametrize("assignment,message", [
+    ("epochs", "expected KEY=VALUE"), ("color=red", "expected KEY=VALUE"), ("epochs=three", "cannot parse 'three' as int"),
+])
+def test_bad_overrides(assignment, message):
+    with pytest.raises(ValueError, match=message):
+        config.default().with_overrides([assignment])
+
+
+def test_json_round_trip_and_unknown_keys():
+    c = config.tiny()
+    assert config.Config.from_dict(dataclasses.asdict(c)) == c
+    with pytest.raises(ValueError, match=r"unknown config keys \['colour'\]"):
+        config.Config.from_dict({"colour": 1})
+
+
+def test_unknown_preset():
+    with pytest.raises(ValueError, match="unknown config 'huge'"):
+        config.get("huge")

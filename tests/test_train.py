@@ -1,0 +1,109 @@
+from __future__ import annotations
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from digits_jax import checkpoint, models, optim, train
+
+
+def fresh_state(config, data):
+    steps = len(data["train"]["label"]) // config.batch_size
+    model = models.create(config.model, config.num_classes)
+    return train.create_train_state(config, model, data["train"]["image"].shape[1:], optim.optimizer(config, steps))
+
+
+def test_loss_falls_over_a_few_steps_on_real_digits(tiny_config, tiny_data):
+    config = tiny_config.replace(learning_rate=1e-3, schedule="constant")
+    state = fresh_state(config, tiny_data)
+    batch = {k: v[:64] for k, v in tiny_data["train"].items()}
+    losses = []
+    for _ in range(15):
+        state, sums = train.train_step(state, batch)
+        losses.append(float(sums["loss"] / sums["count"]))
+    assert np.all(np.isfinite(losses))
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_train_step_is_pure(tiny_config, tiny_data):
+    state = fresh_state(tiny_config, tiny_data)
+    batch = {k: v[:32] for k, v in tiny_data["train"].items()}
+    first, first_metrics = train.train_step(state, batch)
+    second, second_metrics = train.train_step(state, batch)
+    for a, b in zip(jax.tree.leaves((first, first_metrics)), jax.tree.leaves((second, second_metrics)), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert int(first.step) == 1 and int(state.step) == 0
+
+
+def test_epoch_equals_per_step_loop_in_the_same_order(tiny_config, tiny_data):
+    """The compiled epoch must be exactly the per-step path over the same shuffled batches."""
+    config = tiny_config
+    data = tiny_data["train"]
+    state = fresh_state(config, tiny_data)
+    n, b = len(data["label"]), config.batch_size
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, train.SHUFFLE_STREAM), 0)
+    order = np.asarray(jax.random.permutation(key, n))[: (n // b) * b].reshape(-1, b)
+    looped = state
+    total = 0.0
+    for indices in order:
+        looped, sums = train.train_step(looped, {k: v[indices] for k, v in data.items()})
+        total += float(sums["loss"])
+    epoch_state, epoch_sums = train.train_epoch(state, jax.device_put(data), b)
+    assert int(epoch_state.epoch) == 1 and int(epoch_state.step) == len(order)
+    assert float(epoch_sums["count"]) == len(order) * b
+    assert float(epoch_sums["loss"]) == pytest.approx(total, rel=1e-5)
+    for a, c in zip(jax.tree.leaves(epoch_state.params), jax.tree.leaves(looped.params), strict=True):
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
+
+
+def test_epochs_shuffle_differently(tiny_config, tiny_data):
+    state = fresh_state(tiny_config, tiny_data)
+    keys = [jax.random.fold_in(jax.random.fold_in(state.rng, train.SHUFFLE_STREAM), e) for e in (0, 1)]
+    orders = [np.asarray(jax.random.permutation(k, 100)) for k in keys]
+    assert not np.array_equal(*orders)
+
+
+def test_train_and_evaluate_writes_records_and_checkpoints(tmp_path, tiny_config, tiny_data):
+    state = train.train_and_evaluate(tiny_config, tmp_path / "run", datasets=tiny_data)
+    steps = len(tiny_data["train"]["label"]) // tiny_config.batch_size
+    assert int(state.epoch) == tiny_config.epochs and int(state.step) == tiny_config.epochs * steps
+    records = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(records) == tiny_config.epochs
+    assert (tmp_path / "run" / "config.json").exists()
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
+
+
+def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path, tiny_config, tiny_data):
+    whole = train.train_and_evaluate(tiny_config, tmp_path / "whole", datasets=tiny_data)
+    crashed = tmp_path / "crashed"
+    train.train_and_evaluate(tiny_config, crashed, datasets=tiny_data)
+    # A crash before epoch 2 was saved looks like this on disk: its checkpoint is absent.
+    shutil.rmtree(crashed / "checkpoints" / "2")
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train.train_and_evaluate(tiny_config, crashed, datasets=tiny_data)
+    resumed = train.train_and_evaluate(tiny_config, crashed, resume=True, datasets=tiny_data)
+    assert int(resumed.epoch) == int(whole.epoch) and int(resumed.step) == int(whole.step)
+    for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert [r["epoch"] for r in checkpoint.read_records(crashed)] == [1, 2]
+
+
+def test_resume_with_a_different_config_is_refused(tmp_path, tiny_config, tiny_data):
+    train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, datasets=tiny_data)
+    with pytest.raises(ValueError, match=r"\['learning_rate'\] differ"):
+        train.train_and_evaluate(tiny_config.replace(epochs=1, learning_rate=0.5), tmp_path, resume=True,
+                                 datasets=tiny_data)
+
+
+def test_batch_larger_than_training_split_is_an_error(tmp_path, tiny_config, tiny_data):
+    with pytest.raises(ValueError, match=r"batch_size \(4096\) is larger than the training split"):
+        train.train_and_evaluate(tiny_config.replace(batch_size=4096), tmp_path, datasets=tiny_data)
+
+
+def test_preprocess_scales_uint8_to_unit_interval():
+    out = train.preprocess(jnp.asarray([0, 51, 255], jnp.uint8))
+    np.testing.assert_allclose(out, [0.0, 0.2, 1.0])
+    assert out.dtype == jnp.float32
