@@ -53,8 +53,8 @@ def _write_atomic(path: Path, text: str) -> None:
 class RunDir:
     """Owns one run directory: saves after each epoch, restores for `--resume`."""
 
-    def __init__(self, workdir: str | Path, config: Config, keep: int):
-        self.path = Path(workdir)
+    def __init__(self, workdir: str | Path, config: Config, keep: int) -> None:
+        self.path = Path(workdir).absolute()  # Orbax requires absolute paths.
         self.config = config
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -157,7 +157,7 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
     """
     from digits_jax.train import create_train_state  # train imports this module
 
-    directory, chosen = _locate(Path(path))
+    directory, chosen = _locate(Path(path).absolute())
     manager = _manager(directory, read_only=True)
     if chosen is None:
         chosen = _choose_step(manager, step, directory)

@@ -83,7 +83,7 @@ class Config:
             key, sep, text = assignment.partition("=")
             if not sep or key not in fields:
                 raise ValueError(f"--set {assignment!r}: expected KEY=VALUE with KEY one of {sorted(fields)}")
-            changes[key] = _parse(key, text, fields[key].type)
+            changes[key] = _parse(key, text, str(fields[key].type))
         return self.replace(**changes)
 
 

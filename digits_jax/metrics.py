@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +41,10 @@ def merge(a: Metrics, b: Metrics) -> Metrics:
     return jax.tree.map(jnp.add, a, b)
 
 
-def compute(m: Metrics) -> dict[str, float]:
+def compute(m: Metrics) -> dict[str, Any]:
     """Turns sums into {'loss': mean loss, 'accuracy': fraction right, 'count': examples}."""
-    count = float(m["count"])
-    return {"loss": float(m["loss"]) / count, "accuracy": float(m["correct"]) / count, "count": int(count)}
+    count = int(m["count"])
+    return {"loss": float(m["loss"]) / count, "accuracy": float(m["correct"]) / count, "count": count}
 
 
 def per_class_accuracy(confusion: np.ndarray) -> np.ndarray:

@@ -14,7 +14,7 @@ from digits_jax.config import Config
 class Progress:
     """Prints one line when a run starts, one per epoch and a summary; only JAX process 0 prints."""
 
-    def __init__(self, epochs: int, stream: TextIO | None = None):
+    def __init__(self, epochs: int, stream: TextIO | None = None) -> None:
         self.epochs = epochs
         self.stream = stream if stream is not None else sys.stdout
         self.tty = self.stream.isatty()
@@ -53,8 +53,10 @@ class Progress:
         final, best = summary["final"], summary["best"]
         test = (f"test accuracy {100 * final['test_accuracy']:.2f}% after epoch {final['epoch']}; "
                 if "test_accuracy" in final else "")
-        chosen = (f"best by validation: epoch {best['epoch']} (validation {100 * best['validation_accuracy']:.2f}%, "
-                  f"test {100 * best.get('test_accuracy', float('nan')):.2f}%)" if "validation_accuracy" in best else "")
+        chosen = ""
+        if "validation_accuracy" in best:
+            chosen = (f"best by validation: epoch {best['epoch']} (validation {100 * best['validation_accuracy']:.2f}%,"
+                      f" test {100 * best.get('test_accuracy', float('nan')):.2f}%)")
         seconds = time.perf_counter() - self.started
         if self.tty:
             self._print(f"done in {seconds:.1f}s: {test}{chosen}; checkpoints in {summary['workdir']}")

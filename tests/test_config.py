@@ -38,7 +38,9 @@ def test_overrides_parse_by_field_type():
 
 
 @pytest.mark.parametrize("assignment,message", [
-    ("epochs", "expected KEY=VALUE"), ("color=red", "expected KEY=VALUE"), ("epochs=three", "cannot parse 'three' as int"),
+    ("epochs", "expected KEY=VALUE"),
+    ("color=red", "expected KEY=VALUE"),
+    ("epochs=three", "cannot parse 'three' as int"),
 ])
 def test_bad_overrides(assignment, message):
     with pytest.raises(ValueError, match=message):

@@ -1,0 +1,243 @@
+"""Datasets as NumPy arrays: MNIST-style IDX files (checked against the official pins) or tensorflow-datasets.
+
+Every split is {'image': (N, H, W, 1) uint8 in 0-255, 'label': (N,) int32}. IDX loading uses only NumPy
+and the standard library, so it works offline and never imports TensorFlow or tensorflow-datasets.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import math
+import os
+import struct
+import zlib
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from digits_jax.config import Config
+
+Split = dict[str, np.ndarray]
+Splits = dict[str, Split]
+
+DATA_DIR_ENV = "DIGITS_JAX_DATA_DIR"
+
+# SHA-256 of the uncompressed content: .gz bytes differ between equally valid recompressions.
+MNIST_SHA256: dict[str, str] = {
+    "train-images-idx3-ubyte": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+    "train-labels-idx1-ubyte": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+    "t10k-images-idx3-ubyte": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+    "t10k-labels-idx1-ubyte": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+}
+
+# split -> (images file, labels file), by their standard names without .gz.
+IDX_FILES: dict[str, tuple[str, str]] = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+# ndim -> (magic number, what such a file holds). The magic is 0, 0, data type (0x08 = ubyte), ndim.
+_MAGIC = {3: (0x00000803, "images"), 1: (0x00000801, "labels")}
+_GZIP_MAGIC = b"\x1f\x8b"
+
+
+class DataError(ValueError):
+    """A data file or directory is missing or invalid; the message names it and says what to do."""
+
+
+def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.ndarray:
+    """Reads one IDX file, gzipped or not (told apart by content, not name).
+
+    Args:
+      path: the file.
+      ndim: 3 to require an images file, 1 a labels file; None accepts either.
+
+    Returns:
+      uint8 array of the header's shape: (N, rows, cols) for images, (N,) for labels.
+    """
+    path = Path(path)
+    return _parse_idx(path, _read_bytes(path), ndim)
+
+
+def _read_bytes(path: Path) -> bytes:
+    """The file's uncompressed content: what the pins hash and what `_parse_idx` parses."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found; check the path or download the file again") from None
+    if data[:2] != _GZIP_MAGIC:
+        if path.suffix == ".gz":
+            raise DataError(f"{path}: named .gz but is not gzip (starts with {data[:2].hex() or 'nothing'}, "
+                            f"not 1f8b); if it is a raw IDX file remove the .gz, otherwise download it again")
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as error:
+        raise DataError(f"{path}: corrupt gzip stream ({error}); the file is damaged or was cut short, "
+                        f"download it again") from error
+
+
+def _parse_idx(path: Path, data: bytes, ndim: int | None) -> np.ndarray:
+    if len(data) < 4:
+        raise DataError(f"{path}: truncated IDX header: expected at least 4 bytes, found {len(data)}; "
+                        f"download the file again")
+    magic = int.from_bytes(data[:4], "big")
+    allowed = [_MAGIC[ndim]] if ndim is not None else list(_MAGIC.values())
+    if magic not in [number for number, _ in allowed]:
+        expected = " or ".join(f"0x{number:08x} for {kind}" for number, kind in allowed)
+        detail = f" (data type byte 0x{data[2]:02x}; only 0x08, unsigned byte, is supported)" if data[2] != 8 else ""
+        raise DataError(f"{path}: wrong magic number: expected {expected}, found 0x{magic:08x}{detail}; "
+                        f"this is not the right kind of IDX file, check which file is where or download it again")
+    file_ndim = data[3]
+    header = 4 + 4 * file_ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header: expected {header} bytes, found {len(data)}; "
+                        f"download the file again")
+    shape = struct.unpack_from(f">{file_ndim}I", data, 4)
+    expected, found = math.prod(shape), len(data) - header
+    if found < expected:
+        raise DataError(f"{path}: truncated: expected {expected} bytes of data for shape {shape}, found {found}; "
+                        f"the download was probably interrupted, download the file again")
+    if found > expected:
+        raise DataError(f"{path}: too long: expected {expected} bytes of data for shape {shape}, found {found}; "
+                        f"this is not a valid IDX file, download it again")
+    # Copied so callers get an ordinary writable array rather than a view of immutable bytes.
+    return np.frombuffer(data, np.uint8, expected, header).reshape(shape).copy()
+
+
+def _find(directory: Path, name: str) -> Path:
+    # Raw first: reading it skips decompression. The dotted spelling is common on mirrors.
+    dotted = name.replace("-idx", ".idx")
+    candidates = [name, f"{name}.gz", dotted, f"{dotted}.gz"]
+    for candidate in candidates:
+        if (directory / candidate).is_file():
+            return directory / candidate
+    raise DataError(f"{directory}: missing file: looked for {', '.join(candidates)}; put the IDX files there "
+                    f"or point --data-dir / ${DATA_DIR_ENV} at the directory that has them")
+
+
+def _read_verified(path: Path, name: str, ndim: int, verify_mnist: bool) -> np.ndarray:
+    data = _read_bytes(path)
+    array = _parse_idx(path, data, ndim)
+    if verify_mnist:
+        actual = hashlib.sha256(data).hexdigest()
+        if actual != MNIST_SHA256[name]:
+            raise DataError(f"{path}: checksum mismatch: expected sha256 {MNIST_SHA256[name]}, found {actual} "
+                            f"(of the uncompressed content); the file is corrupt or not the official MNIST. "
+                            f"Download it again, or set config.dataset to another name (e.g. 'custom') to load "
+                            f"it without the MNIST pins")
+    return array
+
+
+def _load_idx_dir(directory: Path, verify_mnist: bool) -> tuple[Splits, dict[str, Path]]:
+    """`load_idx_dir`, plus each split's labels file (for error messages)."""
+    if not directory.is_dir():
+        raise DataError(f"{directory}: data directory does not exist; create it with the MNIST IDX files "
+                        f"({', '.join(name for pair in IDX_FILES.values() for name in pair)}, .gz or not) "
+                        f"or fix --data-dir / ${DATA_DIR_ENV}")
+    # Look for all four before reading any, so a missing file is reported at once.
+    paths = {split: tuple(_find(directory, name) for name in names) for split, names in IDX_FILES.items()}
+    splits: Splits = {}
+    label_paths: dict[str, Path] = {}
+    for split, (image_name, label_name) in IDX_FILES.items():
+        image_path, label_path = paths[split]
+        images = _read_verified(image_path, image_name, 3, verify_mnist)
+        labels = _read_verified(label_path, label_name, 1, verify_mnist)
+        if len(images) != len(labels):
+            raise DataError(f"image/label count mismatch: {image_path} has {len(images)} images but {label_path} "
+                            f"has {len(labels)} labels; the files belong to different datasets or one is "
+                            f"damaged, download both again")
+        splits[split] = {"image": images[..., None], "label": labels.astype(np.int32)}
+        label_paths[split] = label_path
+    return splits, label_paths
+
+
+def load_idx_dir(directory: str | os.PathLike[str], *, verify_mnist: bool) -> Splits:
+    """Reads the four standard MNIST IDX files (each gzipped or not) from `directory`.
+
+    Args:
+      directory: holds train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte and
+        t10k-labels-idx1-ubyte, each optionally with .gz (or spelled train-images.idx3-ubyte).
+      verify_mnist: check the SHA-256 of each file's uncompressed content against `MNIST_SHA256`.
+
+    Returns:
+      {'train', 'test'}, each {'image': (N, H, W, 1) uint8, 'label': (N,) int32}.
+    """
+    return _load_idx_dir(Path(directory), verify_mnist)[0]
+
+
+def load_tfds(name: str) -> Splits:
+    """Loads `name`'s train and test splits with tensorflow-datasets (downloading and preparing if needed).
+
+    Uses `tfds.data_source` (random access, no TensorFlow needed). Returns {'train', 'test'}, each
+    {'image': (N, H, W, C) uint8, 'label': (N,) int32}.
+    """
+    try:
+        import tensorflow_datasets as tfds  # here, not at the top: IDX loading must not need or import it
+
+        sources = {split: tfds.data_source(name, split=split) for split in ("train", "test")}
+    except Exception as error:
+        raise DataError(f"tensorflow-datasets could not download or prepare {name!r} ({type(error).__name__}: "
+                        f"{error}); without network access, set --data-dir or ${DATA_DIR_ENV} to a directory of "
+                        f"IDX files (train-images-idx3-ubyte.gz etc.) instead") from error
+    return {split: _to_arrays(source, f"tensorflow-datasets {name!r} split {split!r}")
+            for split, source in sources.items()}
+
+
+def _to_arrays(source: Any, origin: str) -> Split:
+    n = len(source)
+    if n == 0:
+        raise DataError(f"{origin}: has no examples; prepare the dataset again or use --data-dir")
+    first = source[0]
+    # Filled in place: stacking 70,000 small arrays would hold every record twice.
+    images = np.empty((n, *np.shape(first["image"])), np.uint8)
+    labels = np.empty((n,), np.int32)
+    for i in range(n):
+        record = first if i == 0 else source[i]
+        images[i] = record["image"]
+        labels[i] = record["label"]
+    return {"image": images, "label": labels}
+
+
+def _check_labels(labels: np.ndarray, num_classes: int, origin: str) -> None:
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        examples = sorted(set(bad[:10].tolist()))
+        raise DataError(f"{origin}: {bad.size} labels outside [0, {num_classes}) (e.g. {examples}); "
+                        f"set config.num_classes to cover them or fix the labels")
+
+
+def load(config: Config) -> Splits:
+    """The train, validation and test splits that `config` asks for.
+
+    The source is config.data_dir, else ${DIGITS_JAX_DATA_DIR}, else tensorflow-datasets `config.dataset`. IDX
+    files are checked against the MNIST pins iff config.dataset == "mnist". Validation is the last
+    config.validation_size training images (independent of the seed); config.train_limit then keeps only
+    the first images of the rest.
+
+    Returns:
+      {'train', 'validation', 'test'}, each {'image': (N, H, W, 1) uint8, 'label': (N,) int32}.
+    """
+    directory = config.data_dir or os.environ.get(DATA_DIR_ENV)
+    if directory:
+        splits, label_paths = _load_idx_dir(Path(directory), verify_mnist=config.dataset == "mnist")
+        origins = {split: str(path) for split, path in label_paths.items()}
+    else:
+        splits = load_tfds(config.dataset)
+        origins = {split: f"tensorflow-datasets {config.dataset!r} split {split!r}" for split in splits}
+    for split, arrays in splits.items():
+        _check_labels(arrays["label"], config.num_classes, origins[split])
+
+    train, n = splits["train"], len(splits["train"]["label"])
+    if not 0 <= config.validation_size < n:
+        raise ValueError(f"config.validation_size = {config.validation_size}: must be >= 0 and smaller than the "
+                         f"{n} training images of {origins['train']}")
+    cut = n - config.validation_size
+    validation = {key: array[cut:] for key, array in train.items()}
+    train = {key: array[:cut] for key, array in train.items()}
+    if config.train_limit is not None:
+        train = {key: array[:config.train_limit] for key, array in train.items()}
+    return {"train": train, "validation": validation, "test": splits["test"]}

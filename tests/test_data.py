@@ -1,0 +1,291 @@
+"""Tests for digits_jax.data: IDX parsing and validation, splits, sources, and the real MNIST copy if present."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from digits_jax import data
+from digits_jax.config import Config
+from digits_jax.data import DATA_DIR_ENV, DataError, load, load_idx_dir, load_tfds, read_idx
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+REAL_MNIST = Path(__file__).resolve().parents[2] / "shared/datasets/mnist"
+N_TRAIN, N_TEST, NUM_CLASSES = 20, 8, 10
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX encoding of a uint8 array: magic (0, 0, 0x08, ndim), big-endian dims, then the data."""
+    return bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx(path: Path, array: np.ndarray, *, gz: bool | None = None) -> Path:
+    """Writes `array` to `path` as IDX, gzipped if `gz` (default: if the name ends with .gz)."""
+    payload = idx_bytes(np.asarray(array, np.uint8))
+    path.write_bytes(gzip.compress(payload) if (path.suffix == ".gz" if gz is None else gz) else payload)
+    return path
+
+
+def make_idx_dir(directory: Path, *, gz: bool = True, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """Writes tiny random train/test IDX files (standard names) to `directory`; returns what was written."""
+    rng = np.random.default_rng(seed)
+    suffix = ".gz" if gz else ""
+    written = {}
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = rng.integers(0, NUM_CLASSES, n, dtype=np.uint8)
+        image_name, label_name = data.IDX_FILES[split]
+        write_idx(directory / f"{image_name}{suffix}", images)
+        write_idx(directory / f"{label_name}{suffix}", labels)
+        written[split] = {"image": images, "label": labels}
+    return written
+
+
+def custom_config(directory: Path, **changes: Any) -> Config:
+    """A config reading `directory` without the MNIST pins (built directly: no need to import the models)."""
+    values: dict[str, Any] = {"dataset": "custom", "data_dir": str(directory), "validation_size": 5,
+                              "num_classes": NUM_CLASSES}
+    return Config(**{**values, **changes})
+
+
+# Reading.
+
+
+def test_gz_and_raw_read_identically(tmp_path: Path) -> None:
+    images = np.random.default_rng(1).integers(0, 256, (5, 28, 28), dtype=np.uint8)
+    raw = read_idx(write_idx(tmp_path / "a-idx3-ubyte", images))
+    gz = read_idx(write_idx(tmp_path / "b-idx3-ubyte.gz", images))
+    # gzip is recognised by its magic bytes, not by the name.
+    unnamed = read_idx(write_idx(tmp_path / "c-idx3-ubyte", images, gz=True))
+    for array in (raw, gz, unnamed):
+        assert array.dtype == np.uint8 and array.shape == (5, 28, 28)
+        np.testing.assert_array_equal(array, images)
+    labels = np.arange(7, dtype=np.uint8)
+    np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "l.gz", labels), ndim=1), labels)
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_load_idx_dir_shapes_dtypes_and_values(tmp_path: Path, gz: bool) -> None:
+    written = make_idx_dir(tmp_path, gz=gz)
+    splits = load_idx_dir(tmp_path, verify_mnist=False)
+    assert set(splits) == {"train", "test"}
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        image, label = splits[split]["image"], splits[split]["label"]
+        assert image.shape == (n, 28, 28, 1) and image.dtype == np.uint8
+        assert label.shape == (n,) and label.dtype == np.int32
+        np.testing.assert_array_equal(image[..., 0], written[split]["image"])
+        np.testing.assert_array_equal(label, written[split]["label"])
+
+
+def test_dotted_file_names_are_accepted(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    for path in tmp_path.iterdir():
+        path.rename(path.with_name(path.name.replace("-idx", ".idx")))
+    assert load_idx_dir(tmp_path, verify_mnist=False)["train"]["image"].shape == (N_TRAIN, 28, 28, 1)
+
+
+# Each kind of bad input has its own message, naming the file.
+
+
+def test_missing_directory(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="data directory does not exist") as info:
+        load_idx_dir(tmp_path / "nowhere", verify_mnist=False)
+    assert str(tmp_path / "nowhere") in str(info.value)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="missing file: looked for t10k-labels-idx1-ubyte, t10k-labels-idx1-ubyte.gz"):
+        load_idx_dir(tmp_path, verify_mnist=False)
+
+
+def test_truncated_file(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path, gz=False)
+    path = tmp_path / "train-images-idx3-ubyte"
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(DataError, match=f"truncated: expected {N_TRAIN * 784} bytes of data .*, found "
+                                        f"{N_TRAIN * 784 - 10}") as info:
+        load_idx_dir(tmp_path, verify_mnist=False)
+    assert str(path) in str(info.value)
+
+
+def test_file_too_long(tmp_path: Path) -> None:
+    path = tmp_path / "x-idx1-ubyte"
+    path.write_bytes(idx_bytes(np.zeros(4, np.uint8)) + b"\0")
+    with pytest.raises(DataError, match="too long: expected 4 bytes of data .*, found 5"):
+        read_idx(path)
+
+
+def test_wrong_magic(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    # A labels file where the training images belong.
+    path = write_idx(tmp_path / "train-images-idx3-ubyte.gz", np.zeros(N_TRAIN, np.uint8))
+    with pytest.raises(DataError, match="wrong magic number: expected 0x00000803 for images, found 0x00000801") as info:
+        load_idx_dir(tmp_path, verify_mnist=False)
+    assert str(path) in str(info.value)
+
+
+def test_unsupported_data_type(tmp_path: Path) -> None:
+    path = tmp_path / "floats-idx1-ubyte"
+    path.write_bytes(bytes([0, 0, 0x0D, 1]) + struct.pack(">I", 1) + b"\0" * 4)
+    with pytest.raises(DataError, match=r"wrong magic number: .* found 0x00000d01 \(data type byte 0x0d"):
+        read_idx(path)
+
+
+def test_count_mismatch(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.zeros(N_TRAIN - 1, np.uint8))
+    with pytest.raises(DataError, match=f"count mismatch: .* has {N_TRAIN} images but .* has {N_TRAIN - 1} labels") \
+            as info:
+        load_idx_dir(tmp_path, verify_mnist=False)
+    assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(info.value)
+    assert str(tmp_path / "train-labels-idx1-ubyte.gz") in str(info.value)
+
+
+def test_checksum_mismatch(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    expected = data.MNIST_SHA256["train-images-idx3-ubyte"]
+    with pytest.raises(DataError, match=f"checksum mismatch: expected sha256 {expected}, found [0-9a-f]{{64}}.*"
+                                        f"not the official MNIST.*config.dataset") as info:
+        load_idx_dir(tmp_path, verify_mnist=True)
+    assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(info.value)
+    # The pins apply to config.dataset == "mnist" only.
+    with pytest.raises(DataError, match="checksum mismatch"):
+        load(custom_config(tmp_path, dataset="mnist"))
+    assert len(load(custom_config(tmp_path))["train"]["label"]) == N_TRAIN - 5
+
+
+def test_corrupt_gzip(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    path = tmp_path / "t10k-images-idx3-ubyte.gz"
+    path.write_bytes(path.read_bytes()[:-20])  # cut short
+    with pytest.raises(DataError, match="corrupt gzip stream") as info:
+        load_idx_dir(tmp_path, verify_mnist=False)
+    assert str(path) in str(info.value)
+
+
+def test_gz_name_without_gzip_content(tmp_path: Path) -> None:
+    path = write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.zeros(3, np.uint8), gz=False)
+    with pytest.raises(DataError, match="named .gz but is not gzip") as info:
+        read_idx(path)
+    assert str(path) in str(info.value)
+
+
+def test_labels_out_of_range(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(N_TRAIN, dtype=np.uint8) % 5)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(N_TEST, 7, np.uint8))
+    with pytest.raises(DataError, match=rf"{N_TEST} labels outside \[0, 5\) \(e.g. \[7\]\)") as info:
+        load(custom_config(tmp_path, num_classes=5))
+    assert str(tmp_path / "t10k-labels-idx1-ubyte.gz") in str(info.value)
+
+
+# Splits and sources.
+
+
+def test_validation_is_the_last_training_images(tmp_path: Path) -> None:
+    written = make_idx_dir(tmp_path)
+    splits = load(custom_config(tmp_path, validation_size=5))
+    assert set(splits) == {"train", "validation", "test"}
+    np.testing.assert_array_equal(splits["train"]["label"], written["train"]["label"][:15])
+    np.testing.assert_array_equal(splits["validation"]["image"][..., 0], written["train"]["image"][15:])
+    np.testing.assert_array_equal(splits["validation"]["label"], written["train"]["label"][15:])
+    np.testing.assert_array_equal(splits["test"]["label"], written["test"]["label"])
+    # The seed does not change the split.
+    other = load(custom_config(tmp_path, validation_size=5, seed=123))
+    np.testing.assert_array_equal(other["validation"]["image"], splits["validation"]["image"])
+
+
+def test_train_limit_leaves_validation_alone(tmp_path: Path) -> None:
+    written = make_idx_dir(tmp_path)
+    splits = load(custom_config(tmp_path, validation_size=5, train_limit=4))
+    np.testing.assert_array_equal(splits["train"]["image"][..., 0], written["train"]["image"][:4])
+    np.testing.assert_array_equal(splits["validation"]["label"], written["train"]["label"][15:])
+    assert len(splits["test"]["label"]) == N_TEST
+
+
+def test_empty_validation(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    splits = load(custom_config(tmp_path, validation_size=0))
+    assert splits["validation"]["image"].shape == (0, 28, 28, 1) and splits["validation"]["image"].dtype == np.uint8
+    assert splits["validation"]["label"].shape == (0,) and splits["validation"]["label"].dtype == np.int32
+    assert len(splits["train"]["label"]) == N_TRAIN
+
+
+def test_validation_size_too_large(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    with pytest.raises(ValueError, match=f"config.validation_size = {N_TRAIN}: .* {N_TRAIN} training images"):
+        load(custom_config(tmp_path, validation_size=N_TRAIN))
+
+
+def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    make_idx_dir(tmp_path)
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
+    assert len(load(custom_config(tmp_path, data_dir=None))["validation"]["label"]) == 5
+    # config.data_dir wins over the environment.
+    monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
+    assert len(load(custom_config(tmp_path))["validation"]["label"]) == 5
+
+
+def test_idx_loading_imports_no_tensorflow(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    code = ("import sys; from digits_jax.config import Config; from digits_jax.data import load; "
+            f"load(Config(dataset='custom', data_dir={str(tmp_path)!r}, validation_size=2)); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'tensorflow_datasets'}))")
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
+
+
+def test_tfds_mock(monkeypatch: pytest.MonkeyPatch) -> None:
+    tfds = pytest.importorskip("tensorflow_datasets")
+    # USE_CODE builds random records from the dataset's feature spec: no network, no TensorFlow.
+    with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=12):
+        splits = load_tfds("mnist")
+        monkeypatch.delenv(DATA_DIR_ENV, raising=False)
+        loaded = load(Config(dataset="mnist", validation_size=3))
+    for split in ("train", "test"):
+        assert splits[split]["image"].shape == (12, 28, 28, 1) and splits[split]["image"].dtype == np.uint8
+        assert splits[split]["label"].shape == (12,) and splits[split]["label"].dtype == np.int32
+        assert splits[split]["label"].min() >= 0 and splits[split]["label"].max() < 10
+    assert [len(loaded[s]["label"]) for s in ("train", "validation", "test")] == [9, 3, 12]
+
+
+def test_tfds_failure_explains_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
+    tfds = pytest.importorskip("tensorflow_datasets")
+
+    def offline(*args: object, **kwargs: object) -> None:
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(tfds, "data_source", offline)
+    with pytest.raises(DataError, match=f"could not download or prepare 'mnist'.*--data-dir or \\${DATA_DIR_ENV}") \
+            as info:
+        load_tfds("mnist")
+    assert isinstance(info.value.__cause__, ConnectionError)
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST not found at {REAL_MNIST}")
+def test_real_mnist() -> None:
+    splits = load_idx_dir(REAL_MNIST, verify_mnist=True)
+    assert splits["train"]["image"].shape == (60000, 28, 28, 1) and splits["train"]["label"].shape == (60000,)
+    assert splits["test"]["image"].shape == (10000, 28, 28, 1) and splits["test"]["label"].shape == (10000,)
+    assert splits["train"]["image"].dtype == np.uint8 and splits["train"]["label"].dtype == np.int32
+    assert set(np.unique(splits["train"]["label"]).tolist()) == set(range(10))
+    # Exact moments from the pixel histogram: no float32 or large temporary arrays.
+    counts = np.bincount(splits["train"]["image"].ravel(), minlength=256).astype(np.float64)
+    values = np.arange(256, dtype=np.float64)
+    mean = counts @ values / counts.sum()
+    std = np.sqrt(counts @ (values - mean) ** 2 / counts.sum())
+    assert abs(mean - 33.318421449829934) < 1e-9
+    assert abs(std - 78.56748998339798) < 1e-6
