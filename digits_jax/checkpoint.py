@@ -40,7 +40,8 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.Che
     ])
     # Synchronous saves: the train state is donated to the next epoch, so it must be on disk first.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
-                                           create=not read_only, read_only=read_only)
+                                           create=not read_only, read_only=read_only,
+                                           save_interval_steps=0 if read_only else 1)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "record"))
 
 

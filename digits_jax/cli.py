@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+from absl import logging as absl_logging
+
 from digits_jax import config as config_lib
 
 
@@ -85,6 +87,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parser().parse_args(argv)
+    # Orbax and tensorflow-datasets log routine notes as absl warnings; users need only our lines.
+    absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         return args.run(args)
     except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:

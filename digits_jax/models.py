@@ -66,8 +66,24 @@ class SeedCNN(nn.Module):
         return nn.Dense(self.num_classes, kernel_init=KERAS_INIT, name="dense2")(x)
 
 
+class FastCNN(nn.Module):
+    """A cheaper CNN for fast convergence (the layout of a well-known fast PyTorch MNIST recipe):
+    conv24 5x5 -> pool -> conv32 3x3 -> pool -> dense256 -> dense, ReLU; about half the seed's FLOPs."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = max_pool(nn.relu(Conv(24, 5, name="conv1")(x)))
+        x = max_pool(nn.relu(Conv(32, 3, name="conv2")(x)))
+        x = x.reshape(x.shape[0], -1)
+        x = nn.relu(nn.Dense(256, kernel_init=KERAS_INIT, name="dense1")(x))
+        return nn.Dense(self.num_classes, kernel_init=KERAS_INIT, name="dense2")(x)
+
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "seed": SeedCNN,
+    "fast": FastCNN,
 }
 
 

@@ -31,10 +31,13 @@ class Progress:
         if self.tty:
             resumed = f", resuming after epoch {epoch}" if epoch else ""
             self._print(f"digits-jax: config '{config.name}', model {config.model}, {train_size} training images, "
-                        f"{steps_per_epoch} steps/epoch on {where}{resumed}; the first epoch includes compilation")
+                        f"{steps_per_epoch} steps/epoch on {where}{resumed}; compiling...")
         else:
             self._print(f"start config={config.name} model={config.model} train_images={train_size} "
                         f"steps_per_epoch={steps_per_epoch} devices={where!r} start_epoch={epoch}")
+
+    def compiled(self, seconds: float) -> None:
+        self._print(f"compiled the epoch in {seconds:.1f}s" if self.tty else f"compiled seconds={seconds:.3g}")
 
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.tty:

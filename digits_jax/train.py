@@ -210,20 +210,24 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]))
 
     device_data = jax.device_put(datasets)
+    compile_start = time.perf_counter()
+    epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size).compile()
+    log.compiled(time.perf_counter() - compile_start)
+    first_step = time.perf_counter()
     while int(state.epoch) < config.epochs:
         epoch_start = time.perf_counter()
-        state, sums = train_epoch(state, device_data["train"], config.batch_size)
+        state, sums = epoch_fn(state, device_data["train"])
         train_summary = metrics.compute(jax.device_get(sums))
         seconds = time.perf_counter() - epoch_start
         record = {"epoch": int(state.epoch), "step": int(state.step), "image_shape": list(train["image"].shape[1:]),
-                  "train_loss": train_summary["loss"],
-                  "train_accuracy": train_summary["accuracy"], "train_seconds": seconds,
-                  "images_per_second": steps_per_epoch * config.batch_size / seconds}
+                  "train_loss": train_summary["loss"], "train_accuracy": train_summary["accuracy"],
+                  "train_seconds": seconds, "images_per_second": steps_per_epoch * config.batch_size / seconds}
         for split in ("validation", "test"):
             if len(datasets[split]["label"]):
                 result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size)
                 record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
-        record["wall_seconds"] = time.perf_counter() - start
+        now = time.perf_counter()
+        record |= {"wall_seconds": now - start, "seconds_from_first_step": now - first_step}
         run.save(state, record)
         log.epoch(record)
     run.close()
