@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -269,10 +271,100 @@ def test_tfds_failure_explains_the_alternative(monkeypatch: pytest.MonkeyPatch) 
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tfds, "data_source", offline)
-    with pytest.raises(DataError, match=f"could not download or prepare 'mnist'.*--data-dir or \\${DATA_DIR_ENV}") \
-            as info:
+    with pytest.raises(DataError, match=f"could not download, prepare or read 'mnist'.*--data-dir or "
+                                        f"\\${DATA_DIR_ENV}") as info:
         load_tfds("mnist")
     assert isinstance(info.value.__cause__, ConnectionError)
+
+
+MNIST_URLS = [f"https://storage.googleapis.com/cvdf-datasets/mnist/{name}.gz"
+              for pair in data.IDX_FILES.values() for name in pair]
+
+
+def fake_downloads(monkeypatch: pytest.MonkeyPatch, tfds: Any, directory: Path, *, extract: bool) -> list[str]:
+    """Makes tfds's `DownloadManager.download_and_extract` take each URL's file from `directory`, not the network.
+
+    With `extract`, the local .gz files go through tfds's own extraction; without, the URL maps straight to the
+    uncompressed file (download and extraction both stood in for). Returns the list of URLs asked for.
+    """
+    requested: list[str] = []
+
+    def download_and_extract(self: Any, url_or_urls: dict[str, str]) -> dict[str, Any]:
+        requested.extend(url_or_urls.values())
+        names = {key: url.rsplit("/", 1)[-1] for key, url in url_or_urls.items()}
+        if extract:
+            return self.extract({key: directory / name for key, name in names.items()})
+        return {key: directory / name.removesuffix(".gz") for key, name in names.items()}
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    return requested
+
+
+def test_tfds_cannot_prepare_without_tensorflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tfds = pytest.importorskip("tensorflow_datasets")
+    if importlib.util.find_spec("tensorflow") is not None:
+        pytest.skip("TensorFlow is installed: this checks what happens without it")
+    (tmp_path / "downloads").mkdir()
+    make_idx_dir(tmp_path / "downloads")
+    requested = fake_downloads(monkeypatch, tfds, tmp_path / "downloads", extract=True)
+    # The download (faked) succeeds; tfds's extractor then opens the .gz with tf.io.gfile.
+    with pytest.raises(DataError, match="could not prepare 'mnist': .* needs TensorFlow, which digits_jax does not "
+                                        f"install .*--data-dir or \\${DATA_DIR_ENV}") as info:
+        load_tfds("mnist", data_dir=tmp_path / "tfds")
+    assert "No module named 'tensorflow'" in str(info.value)
+    assert sorted(requested) == sorted(MNIST_URLS)
+    assert "tensorflow" not in sys.modules
+
+
+def sorted_records(split: dict[str, np.ndarray]) -> np.ndarray:
+    """Each record as one row (pixels, then label), rows sorted: equal for the same records in any order."""
+    rows = np.concatenate([split["image"].reshape(len(split["label"]), -1).astype(np.int64),
+                           split["label"][:, None].astype(np.int64)], axis=1)
+    return rows[np.lexsort(rows.T[::-1])]
+
+
+def test_tfds_prepared_mnist_reads_like_the_idx_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tfds = pytest.importorskip("tensorflow_datasets")
+    image_feature = pytest.importorskip("tensorflow_datasets.core.features.image_feature")
+    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+    base = pytest.importorskip("tensorflow_datasets.core.data_sources.base")
+    pil_image = pytest.importorskip("PIL.Image")
+    (tmp_path / "downloads").mkdir()
+    make_idx_dir(tmp_path / "downloads", gz=False)
+    requested = fake_downloads(monkeypatch, tfds, tmp_path / "downloads", extract=False)
+    # tfds 4.9.10's MNIST preparation calls TensorFlow twice more (see the test above for the first); stand in
+    # for just those two calls, so the rest of it is tfds's own code: its download manager, MNIST's builder,
+    # feature encoding, serialization, shuffling and the ArrayRecord writer, then the real data source.
+    monkeypatch.setattr(mnist, "tf", SimpleNamespace(io=SimpleNamespace(gfile=SimpleNamespace(GFile=open))))
+    monkeypatch.setattr(image_feature._ImageEncoder, "_encode_image",  # tf.image.encode_png
+                        lambda self, image: self._encode_pil_image(pil_image.fromarray(image[..., 0])))
+    monkeypatch.setattr(mnist, "_TRAIN_EXAMPLES", N_TRAIN)  # the builder reads exactly this many per split
+    monkeypatch.setattr(mnist, "_TEST_EXAMPLES", N_TEST)
+    batch_sizes: list[int] = []
+    getitems = base.BaseDataSource.__getitems__
+
+    def counting_getitems(self: Any, keys: Any) -> Any:
+        batch_sizes.append(len(keys))
+        return getitems(self, keys)
+
+    monkeypatch.setattr(base.BaseDataSource, "__getitems__", counting_getitems)
+
+    splits = load_tfds("mnist", data_dir=tmp_path / "tfds")
+    assert sorted(requested) == sorted(MNIST_URLS)
+    assert list((tmp_path / "tfds/mnist").glob("*/mnist-train.array_record-*"))
+    assert sorted(batch_sizes) == [N_TEST, N_TRAIN]  # one batched read per split, not one read per record
+    expected = load_idx_dir(tmp_path / "downloads", verify_mnist=False)
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        image, label = splits[split]["image"], splits[split]["label"]
+        assert image.shape == (n, 28, 28, 1) and image.dtype == np.uint8
+        assert label.shape == (n,) and label.dtype == np.int32
+        # tfds shuffles the examples once, when it prepares them: the same records, in another order.
+        np.testing.assert_array_equal(sorted_records(splits[split]), sorted_records(expected[split]))
+    # Prepared once: the second call reads what is there and downloads nothing.
+    again = load_tfds("mnist", data_dir=tmp_path / "tfds")
+    assert len(requested) == len(MNIST_URLS)
+    np.testing.assert_array_equal(again["train"]["image"], splits["train"]["image"])
+    assert "tensorflow" not in sys.modules
 
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST not found at {REAL_MNIST}")
