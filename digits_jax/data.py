@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import importlib.util
 import math
 import os
 import struct
+import urllib.parse
 import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -139,7 +141,12 @@ def _load_idx_dir(directory: Path, verify_mnist: bool) -> tuple[Splits, dict[str
                         f"({', '.join(name for pair in IDX_FILES.values() for name in pair)}, .gz or not) "
                         f"or fix --data-dir / ${DATA_DIR_ENV}")
     # Look for all four before reading any, so a missing file is reported at once.
-    paths = {split: tuple(_find(directory, name) for name in names) for split, names in IDX_FILES.items()}
+    paths = {split: (_find(directory, image), _find(directory, label)) for split, (image, label) in IDX_FILES.items()}
+    return _load_idx_files(paths, verify_mnist)
+
+
+def _load_idx_files(paths: dict[str, tuple[Path, Path]], verify_mnist: bool) -> tuple[Splits, dict[str, Path]]:
+    """Reads each split's (images, labels) files (the pins go by `IDX_FILES` names); also returns the labels files."""
     splits: Splits = {}
     label_paths: dict[str, Path] = {}
     for split, (image_name, label_name) in IDX_FILES.items():
@@ -169,26 +176,34 @@ def load_idx_dir(directory: str | os.PathLike[str], *, verify_mnist: bool) -> Sp
     return _load_idx_dir(Path(directory), verify_mnist)[0]
 
 
+_USE_IDX_DIR = (f"set --data-dir or ${DATA_DIR_ENV} to a directory of IDX files (train-images-idx3-ubyte.gz etc.) "
+                f"instead")
+
+
 def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> Splits:
     """Loads `name`'s train and test splits with tensorflow-datasets (downloading and preparing if needed).
 
-    Reads through `tfds.data_source` (random access to ArrayRecord files; reading needs no TensorFlow,
-    images are decoded with Pillow). Preparing a dataset that is not there yet is another matter:
-    tensorflow-datasets 4.9.10 calls TensorFlow to extract the downloads, read MNIST's files and encode
-    its images, so without TensorFlow installed that raises a `DataError` saying so.
+    Reads through `tfds.data_source` (random access to ArrayRecord files; reading needs no TensorFlow, images
+    are decoded with Pillow). Preparing needs TensorFlow in tensorflow-datasets 4.9.10: without it, a dataset
+    that tfds downloads as IDX files (mnist, fashion_mnist, kmnist) and has not prepared goes through
+    `_download_idx` instead; others raise a `DataError` saying what to do.
 
     Args:
       name: the tfds dataset name, e.g. 'mnist'.
-      data_dir: where tfds keeps prepared datasets; None for its default ($TFDS_DATA_DIR or
+      data_dir: where tfds keeps datasets and downloads; None for its default ($TFDS_DATA_DIR or
         ~/tensorflow_datasets).
 
     Returns:
-      {'train', 'test'}, each {'image': (N, H, W, C) uint8, 'label': (N,) int32}, in tfds's order (tfds
-      shuffles the examples once, when it prepares them).
+      {'train', 'test'}, each {'image': (N, H, W, C) uint8, 'label': (N,) int32}, in tfds's order (shuffled
+      once, when tfds prepares the dataset), or the IDX files' order when read by `_download_idx`.
     """
     try:
         import tensorflow_datasets as tfds  # here, not at the top: IDX loading must not need or import it
 
+        builder = tfds.builder(name, data_dir=data_dir)
+        urls = _idx_urls(builder)
+        if urls and importlib.util.find_spec("tensorflow") is None and not builder.is_prepared():
+            return _download_idx(builder, urls)
         # tfds picks ArrayRecord (random access, written without TensorFlow) only when data_dir is None;
         # with a data_dir it would write TFRecord, which needs TensorFlow and has no data source.
         builder_kwargs = {"file_format": "array_record"}
@@ -204,11 +219,43 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
             raise DataError(f"tensorflow-datasets could not prepare {name!r}: its download and preparation code "
                             f"needs TensorFlow, which digits_jax does not install ({detail}); install tensorflow, or "
                             f"prepare it where TensorFlow is (`tfds build {name} --file_format=array_record`) and "
-                            f"point $TFDS_DATA_DIR at the result, or set --data-dir or ${DATA_DIR_ENV} to a "
-                            f"directory of IDX files (train-images-idx3-ubyte.gz etc.) instead") from error
-        raise DataError(f"tensorflow-datasets could not download, prepare or read {name!r} ({detail}); without "
-                        f"network access, set --data-dir or ${DATA_DIR_ENV} to a directory of IDX files "
-                        f"(train-images-idx3-ubyte.gz etc.) instead") from error
+                            f"point $TFDS_DATA_DIR at the result, or {_USE_IDX_DIR}") from error
+        raise DataError(f"tensorflow-datasets could not download, prepare or read {name!r} ({detail}); "
+                        f"without network access, {_USE_IDX_DIR}") from error
+
+
+def _idx_urls(builder: Any) -> dict[str, str] | None:
+    """{IDX file name: URL} if `builder` downloads IDX .gz files as tfds's MNIST does, with registered checksums."""
+    from tensorflow_datasets.image_classification import mnist
+
+    # MNIST, Fashion-MNIST and KMNIST share MNIST's download code (its URL + these names); EMNIST has its own.
+    if type(builder)._split_generators is not mnist.MNIST._split_generators:
+        return None
+    urls = {name: urllib.parse.urljoin(builder.URL, f"{name}.gz") for pair in IDX_FILES.values() for name in pair}
+    return urls if set(urls.values()) <= set(builder.url_infos or ()) else None
+
+
+def _download_idx(builder: Any, urls: dict[str, str]) -> Splits:
+    """Loads an MNIST-style tfds dataset without TensorFlow: tfds's download manager fetches it, we read the IDX.
+
+    This exists because tensorflow-datasets 4.9.10 cannot prepare these datasets without TensorFlow (it extracts
+    the .gz files with tf.io.gfile and encodes images with tf.image) and TensorFlow is not a dependency. Its
+    download manager needs none: set up as the builder sets it up, it keeps the files in
+    <data_dir>/downloads/<name> (so later calls, and tfds itself once TensorFlow is there, reuse them) and checks
+    them against tfds's registered sizes and checksums; MNIST's content is then also checked against the pins.
+    """
+    from tensorflow_datasets.core import download
+
+    try:
+        manager = download.DownloadManager(download_dir=builder.data_dir_root / "downloads", dataset_name=builder.name,
+                                           url_infos=builder.url_infos, force_checksums_validation=True)
+        files = {name: Path(path) for name, path in manager.download(urls).items()}
+    except Exception as error:
+        raise DataError(f"tensorflow-datasets cannot prepare {builder.name!r} without TensorFlow, and downloading its "
+                        f"IDX files with its download manager failed ({type(error).__name__}: {error}); without "
+                        f"network access, {_USE_IDX_DIR}") from error
+    paths = {split: (files[image], files[label]) for split, (image, label) in IDX_FILES.items()}
+    return _load_idx_files(paths, verify_mnist=builder.name == "mnist")[0]
 
 
 def _missing_tensorflow(error: BaseException | None) -> bool:

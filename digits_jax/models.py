@@ -21,7 +21,12 @@ KERAS_INIT: Initializer = nn.initializers.glorot_uniform()
 
 
 class Conv(nn.Module):
-    """Square stride-1 convolution, NHWC; kernel (k, k, Cin, features) as in `nn.Conv`."""
+    """Square stride-1 convolution, NHWC; kernel (k, k, Cin, features) as in `nn.Conv`.
+
+    Training uses im2col, whose gradient is fast on XLA:CPU inside `lax.scan`; inference (`train=False`)
+    uses XLA's own convolution, whose forward pass is about 3x faster there. Both give the same numbers
+    up to float32 summation order.
+    """
 
     features: int
     kernel_size: int = 3
@@ -29,10 +34,13 @@ class Conv(nn.Module):
     kernel_init: Initializer = KERAS_INIT
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         k, cin = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        if not train:
+            return jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding,
+                                                dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
         if self.padding == "SAME":
             lo, hi = (k - 1) // 2, k // 2
             x = jnp.pad(x, ((0, 0), (lo, hi), (lo, hi), (0, 0)))
@@ -59,8 +67,8 @@ class SeedCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = max_pool(nn.relu(Conv(32, name="conv1")(x)))
-        x = max_pool(nn.relu(Conv(64, name="conv2")(x)))
+        x = max_pool(nn.relu(Conv(32, name="conv1")(x, train)))
+        x = max_pool(nn.relu(Conv(64, name="conv2")(x, train)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(128, kernel_init=KERAS_INIT, name="dense1")(x))
         return nn.Dense(self.num_classes, kernel_init=KERAS_INIT, name="dense2")(x)
@@ -74,8 +82,8 @@ class FastCNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-        x = max_pool(nn.relu(Conv(24, 5, name="conv1")(x)))
-        x = max_pool(nn.relu(Conv(32, 3, name="conv2")(x)))
+        x = max_pool(nn.relu(Conv(24, 5, name="conv1")(x, train)))
+        x = max_pool(nn.relu(Conv(32, 3, name="conv2")(x, train)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(256, kernel_init=KERAS_INIT, name="dense1")(x))
         return nn.Dense(self.num_classes, kernel_init=KERAS_INIT, name="dense2")(x)

@@ -26,9 +26,9 @@ def optimizer(config: Config, steps_per_epoch: int) -> optax.GradientTransformat
     """The optax transformation for `config.optimizer` with its schedule (`steps_per_epoch` sizes it)."""
     lr = schedule(config, steps_per_epoch)
     if config.optimizer == "adam":
-        return optax.adam(lr)
+        return optax.adam(lr, b1=config.b1, b2=config.b2)
     if config.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=config.weight_decay)
+        return optax.adamw(lr, b1=config.b1, b2=config.b2, weight_decay=config.weight_decay)
     if config.optimizer == "sgd":
-        return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, momentum=0.9))
+        return optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, momentum=config.b1))
     raise ValueError(f"config.optimizer = {config.optimizer!r} is not implemented")

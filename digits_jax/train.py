@@ -122,29 +122,12 @@ def train_epoch(state: TrainState, train_data: Batch, batch_size: int) -> tuple[
     return state.replace(epoch=state.epoch + 1), summed
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size"))
-def _evaluate_sums(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: Batch,
-                   batch_size: int) -> metrics.Metrics:
-    n = eval_data["label"].shape[0]
-    steps = -(-n // batch_size)
-    pad = steps * batch_size - n
-    padded = jax.tree.map(lambda a: jnp.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)), eval_data)
-    mask = jnp.arange(steps * batch_size) < n
-    batches = jax.tree.map(lambda a: a.reshape(steps, batch_size, *a.shape[1:]), (padded, mask))
-
-    def body(total: metrics.Metrics, batch: tuple[Batch, jax.Array]) -> tuple[metrics.Metrics, None]:
-        (batch_data, batch_mask) = batch
-        logits = apply_fn(variables, preprocess(batch_data["image"]), train=False)
-        onehot = jax.nn.one_hot(batch_data["label"], logits.shape[-1])
-        losses = optax.softmax_cross_entropy(logits, onehot)
-        return metrics.merge(total, metrics.batch(losses, logits, batch_data["label"], batch_mask)), None
-
-    num_classes = jax.eval_shape(lambda: apply_fn(variables, jnp.zeros((1, *eval_data["image"].shape[1:])),
-                                                  train=False)).shape[-1]
-    zero = jax.tree.map(jnp.zeros_like, metrics.batch(jnp.zeros(1), jnp.zeros((1, num_classes)),
-                                                      jnp.zeros(1, jnp.int32)))
-    total, _ = jax.lax.scan(body, zero, batches)
-    return total
+@functools.partial(jax.jit, static_argnames="apply_fn")
+def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, mask: jax.Array) -> metrics.Metrics:
+    """Metric sums (with the confusion matrix) for one batch; rows where `mask` (B,) bool is False are padding."""
+    logits = apply_fn(variables, preprocess(batch["image"]), train=False)
+    losses = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], logits.shape[-1]))
+    return metrics.batch(losses, logits, batch["label"], mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,7 +154,19 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
       eval_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, NumPy or device arrays.
       batch_size: examples per compiled step.
     """
-    sums = jax.device_get(_evaluate_sums(apply_fn, variables, eval_data, batch_size))
+    n = len(eval_data["label"])
+    sums = None
+    # One compiled step shared by every split; a short host loop over ~10 batches costs nothing.
+    for begin in range(0, n, batch_size):
+        batch = {k: v[begin:begin + batch_size] for k, v in eval_data.items()}
+        size = len(batch["label"])
+        if size < batch_size:
+            batch = {k: jnp.pad(v, [(0, batch_size - size)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+        step_sums = eval_step(apply_fn, variables, batch, jnp.arange(batch_size) < size)
+        sums = step_sums if sums is None else metrics.merge(sums, step_sums)
+    if sums is None:
+        raise ValueError("evaluate() needs at least one example")
+    sums = jax.device_get(sums)
     summary = metrics.compute(sums)
     return EvalResult(accuracy=summary["accuracy"], loss=summary["loss"], count=summary["count"],
                       confusion=np.asarray(sums["confusion"]))

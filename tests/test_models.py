@@ -38,22 +38,24 @@ def test_seed_cnn_matches_plain_flax_forward_and_gradient():
     reference = ReferenceSeedCNN()
 
     def loss(apply, p):
-        return jnp.sum(apply(p, x) ** 2)
+        return jnp.sum(apply(p, x, train=True) ** 2)
 
-    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    for train in (True, False):
+        np.testing.assert_allclose(ours.apply(params, x, train=train), reference.apply(params, x), rtol=1e-5, atol=1e-5)
     g_ours = jax.grad(lambda p: loss(ours.apply, p))(params)
     g_ref = jax.grad(lambda p: loss(reference.apply, p))(params)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("kernel_size,padding,cin", [(3, "VALID", 1), (3, "SAME", 4), (5, "VALID", 3), (5, "SAME", 2)])
-def test_conv_matches_flax_conv(kernel_size, padding, cin):
+def test_conv_matches_flax_conv(kernel_size, padding, cin, train):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, cin))
     ours = models.Conv(6, kernel_size, padding)
     params = ours.init(jax.random.PRNGKey(1), x)
     reference = nn.Conv(6, (kernel_size, kernel_size), padding=padding)
-    np.testing.assert_allclose(ours.apply(params, x), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(ours.apply(params, x, train), reference.apply(params, x), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (1, 11, 11, 2), (3, 4, 7, 1)])
