@@ -12,7 +12,7 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # GPU=1 installs jax with CUDA 12 wheels instead of the CPU build.
 JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
 
-.PHONY: setup train seed eval runs test lint clean
+.PHONY: setup train seed eval runs bench test lint clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ seed: setup  ## the original Keras recipe (Adam 1e-4, 10 epochs)
 eval: setup  ## make eval CKPT=runs/default
 	@test -n "$(CKPT)" || (echo "usage: make eval CKPT=RUN_DIR_OR_CHECKPOINT" >&2; exit 2)
 	$(PY) -m digits_jax eval --checkpoint $(CKPT) $(ARGS)
+
+bench: setup  ## seed CNN throughput and the fast preset's time to 99% (experiments/bench.py)
+	$(PY) experiments/bench.py $(ARGS)
 
 runs: setup  ## compare every run under runs/
 	$(PY) -m digits_jax runs runs/*

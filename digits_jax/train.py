@@ -53,8 +53,9 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
     init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
     params = variables.pop("params")
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
-                             rng=rng, model_state=variables)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
+                              rng=rng, model_state=variables)
+    return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other leaf of the state
 
 
 def preprocess(images: jax.Array) -> jax.Array:

@@ -1,0 +1,151 @@
+"""Speed of digits_jax on the current backend: the seed CNN at batch 128, and the fast preset's time to 99%.
+
+    make bench                     # = .venv/bin/python experiments/bench.py [--epochs 3] [--fast-seeds 5]
+
+Prints, and writes as JSON (default runs/bench/bench.json):
+- compile seconds of the on-device epoch, steady training images/s and GFLOP/s (epochs 2.. of the
+  compiled epoch), the per-step path's images/s (`train_step` called once per batch from Python), and
+  the test accuracy of both paths after one epoch from the same initial state in the same data order;
+- evaluation images/s and the process's peak RSS;
+- for each seed of the `fast` preset, run as `python -m digits_jax train --config fast` in a fresh
+  process: wall seconds to >= 99.0% test accuracy from process start and from the first step.
+Measured on a 2-core AMD EPYC CPU: see the README's speed table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from digits_jax import config as config_lib
+from digits_jax import data, models, optim, train
+
+TRAIN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 1600 * 128 + 128 * 10)  # seed CNN, 15.79 M
+
+
+def seed_cnn(epochs: int) -> dict[str, float]:
+    """Compiled-epoch and per-step throughput of the seed CNN at batch 128, plus eval speed."""
+    config = config_lib.seed()
+    splits = data.load(config)
+    steps = len(splits["train"]["label"]) // config.batch_size
+    images = steps * config.batch_size
+    model = models.create(config.model, config.num_classes)
+    fresh = train.create_train_state(config, model, splits["train"]["image"].shape[1:], optim.optimizer(config, steps))
+    device = jax.device_put(splits)
+    start = time.perf_counter()
+    epoch_fn = train.train_epoch.lower(fresh, device["train"], config.batch_size).compile()
+    result = {"compile_seconds": time.perf_counter() - start, "batch_size": config.batch_size}
+
+    state = jax.tree.map(jnp.copy, fresh)  # the compiled epoch donates its input
+    seconds = []
+    for epoch in range(epochs):
+        start = time.perf_counter()
+        state, sums = epoch_fn(state, device["train"])
+        jax.block_until_ready(sums)
+        seconds.append(time.perf_counter() - start)
+        if epoch == 0:
+            result["epoch_path_test_accuracy_1_epoch"] = _test_accuracy(state, device["test"])
+    steady = float(np.mean(seconds[1:])) if epochs > 1 else seconds[0]
+    result |= {"train_images_per_second": images / steady, "train_gflops": images / steady * TRAIN_FLOP_PER_IMAGE / 1e9,
+               "epoch_seconds": seconds}
+
+    result |= _per_step_epoch(fresh, splits["train"], config.batch_size, device["test"])
+    start = time.perf_counter()
+    repeats = 5
+    for _ in range(repeats):
+        train.evaluate(state.apply_fn, state.variables, device["test"], config.eval_batch_size)
+    result["eval_images_per_second"] = repeats * len(splits["test"]["label"]) / (time.perf_counter() - start)
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def _test_accuracy(state: train.TrainState, test: dict[str, jax.Array]) -> float:
+    return train.evaluate(state.apply_fn, state.variables, test).accuracy
+
+
+def _per_step_epoch(state: train.TrainState, split: dict[str, np.ndarray], batch_size: int,
+                    test: dict[str, jax.Array]) -> dict[str, float]:
+    """One epoch of `train_step` calls fed from NumPy, in the compiled epoch's data order."""
+    n = len(split["label"])
+    key = jax.random.fold_in(jax.random.fold_in(state.rng, train.SHUFFLE_STREAM), 0)
+    order = np.asarray(jax.random.permutation(key, n))[: n // batch_size * batch_size].reshape(-1, batch_size)
+    state, _ = train.train_step(state, {k: v[order[0]] for k, v in split.items()})  # compile
+    start = time.perf_counter()
+    for indices in order[1:]:
+        state, sums = train.train_step(state, {k: v[indices] for k, v in split.items()})
+    jax.block_until_ready(sums)
+    seconds = time.perf_counter() - start
+    return {"per_step_images_per_second": (len(order) - 1) * batch_size / seconds,
+            "per_step_test_accuracy_1_epoch": _test_accuracy(state, test)}
+
+
+def fast_to_99(seed: int) -> dict[str, float | None]:
+    """Runs the fast preset in a fresh process; seconds to >= 99.0% test accuracy (None if never reached)."""
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "digits_jax", "train", "--config", "fast", "--workdir", workdir,
+                   "--set", f"seed={seed}"]
+        start = time.perf_counter()
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+        result: dict[str, float | None] = {"seed": seed, "from_process_start": None, "from_first_step": None}
+        assert process.stdout is not None
+        for line in process.stdout:
+            fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)
+            if line.startswith("epoch ") and result["from_process_start"] is None:
+                result["test_accuracy"] = float(fields["test_accuracy"])
+                if float(fields["test_accuracy"]) >= 0.99:
+                    result["from_process_start"] = time.perf_counter() - start
+                    result["from_first_step"] = float(fields["seconds_from_first_step"])
+        if process.wait() != 0:
+            raise RuntimeError(f"{' '.join(command)} exited {process.returncode}")
+        result["process_seconds"] = time.perf_counter() - start
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=3, help="compiled epochs to time; the first is warm-up")
+    parser.add_argument("--fast-seeds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"))
+    args = parser.parse_args()
+    device = jax.devices()[0]
+    report: dict = {"backend": jax.default_backend(), "device": device.device_kind, "jax": jax.__version__,
+                    "cpu_count": os.cpu_count()}
+    report["seed_cnn"] = seed_cnn(args.epochs)
+    s = report["seed_cnn"]
+    print(f"seed CNN, batch 128, {report['backend']} ({report['device']}): compile {s['compile_seconds']:.2f} s, "
+          f"train {s['train_images_per_second']:,.0f} img/s ({s['train_gflops']:.1f} GFLOP/s), "
+          f"per-step path {s['per_step_images_per_second']:,.0f} img/s, eval {s['eval_images_per_second']:,.0f} img/s, "
+          f"peak RSS {s['peak_rss_mb']:,.0f} MB", flush=True)
+    print(f"test accuracy after 1 epoch, same init and order: compiled epoch "
+          f"{100 * s['epoch_path_test_accuracy_1_epoch']:.2f}%, per-step path "
+          f"{100 * s['per_step_test_accuracy_1_epoch']:.2f}%", flush=True)
+    report["fast"] = []
+    for seed in range(args.fast_seeds):
+        run = fast_to_99(seed)
+        report["fast"].append(run)
+        reached = (f"99.0% in {run['from_process_start']:.1f} s from process start, {run['from_first_step']:.1f} s "
+                   "from the first step" if run["from_process_start"] else "did not reach 99.0%")
+        print(f"fast preset, seed {seed}: test accuracy {100 * run['test_accuracy']:.2f}%, {reached} "
+              f"(process {run['process_seconds']:.1f} s)", flush=True)
+    if report["fast"]:
+        hits = sum(r["from_process_start"] is not None for r in report["fast"])
+        print(f"fast preset: {hits}/{len(report['fast'])} seeds reached 99.0%")
+    report["children_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
