@@ -13,8 +13,10 @@ mid-save leaves the previous checkpoints intact.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,11 @@ from digits_jax.config import Config
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 BEST_METRIC = "validation_accuracy"
+LOCK = ".lock"
+
+
+class RunInUseError(RuntimeError):
+    """Another live process is writing the run directory."""
 
 
 def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
@@ -59,8 +66,21 @@ class RunDir:
         self.config = config
         try:
             self.path.mkdir(parents=True, exist_ok=True)
+            self._lock = open(self.path / LOCK, "a+")  # noqa: SIM115 -- held until close() or process exit
         except OSError as e:
-            raise OSError(f"cannot create run directory {self.path}: {e.strerror}; choose another --workdir") from e
+            raise OSError(f"cannot write to run directory {self.path}: {e.strerror}; choose another --workdir") from e
+        try:
+            # flock, not a pid file: the kernel drops it when the holder dies, so a crash never leaves it stuck.
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock.seek(0)
+            holder = self._lock.read().strip() or "another process"
+            self._lock.close()
+            raise RunInUseError(f"{self.path} is in use by {holder}; wait for it to finish or choose another "
+                                "--workdir") from None
+        self._lock.truncate(0)
+        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+        self._lock.flush()
         self.manager = _manager(self.path / CHECKPOINTS, keep)
         self.records: list[dict[str, Any]] = []
 
@@ -99,6 +119,13 @@ class RunDir:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+        self._lock.close()
+
+    def __enter__(self) -> RunDir:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
 
     def summary(self) -> dict[str, Any]:
         """{'final': last epoch's record, 'best': the record of the epoch chosen by validation accuracy}."""

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError) as e:
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError, FloatingPointError) as e:
         print(f"digits-jax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -81,7 +81,8 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
       state: TrainState.
       batch: {'image': (B, H, W, C) uint8, 'label': (B,) int32}.
     Returns:
-      (new state, metric sums {'loss', 'correct', 'count'} for the batch; see `metrics.compute`).
+      (new state, metric sums for the batch: 'loss', 'correct', 'count' (see `metrics.compute`), 'steps' (1)
+      and 'nonfinite' (1 if the loss was NaN or Inf)).
     """
     step_key = jax.random.fold_in(jax.random.fold_in(state.rng, STEP_STREAM), state.step)
 
@@ -96,6 +97,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
     state = state.apply_gradients(grads=grads, model_state=model_state)
     batch_metrics = metrics.batch(losses, logits, batch["label"])
     del batch_metrics["confusion"]  # Not needed for training and costs a matmul per step.
+    batch_metrics |= {"nonfinite": jnp.sum(~jnp.isfinite(losses.mean())), "steps": jnp.ones((), jnp.int32)}
     return state, batch_metrics
 
 
@@ -173,6 +175,31 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
                       confusion=np.asarray(sums["confusion"]))
 
 
+def _train_record(state: TrainState, sums: metrics.Metrics, seconds: float,
+                  image_shape: tuple[int, ...]) -> dict[str, Any]:
+    summary = metrics.compute(sums)
+    return {"epoch": int(state.epoch), "step": int(state.step), "image_shape": list(image_shape),
+            "train_loss": summary["loss"], "train_accuracy": summary["accuracy"], "train_seconds": seconds,
+            "images_per_second": summary["count"] / seconds}
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a NaN or Inf; the run stops and keeps its last good checkpoint."""
+
+
+def _check_finite(state: TrainState, sums: metrics.Metrics, workdir: Path) -> None:
+    bad_steps = int(sums["nonfinite"])
+    params_finite = bool(jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda a: jnp.isfinite(a).all(), state.params)))
+    if bad_steps == 0 and params_finite:
+        return
+    epoch, steps = int(state.epoch), int(sums["steps"])
+    what = f"the loss was NaN or Inf in {bad_steps} of its {steps} steps" if bad_steps else "the loss stayed finite"
+    what += "" if params_finite else " and the parameters hold NaN or Inf"
+    raise NonFiniteError(f"epoch {epoch} (steps {int(state.step) - steps + 1}-{int(state.step)}): {what}. Stopped "
+                         f"without saving it; the last good checkpoint in {workdir} is kept. Lower learning_rate, "
+                         "or check the data for corrupt values")
+
+
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False, model: nn.Module | None = None,
                        tx: optax.GradientTransformation | None = None,
                        datasets: dict[str, dict[str, np.ndarray]] | None = None) -> TrainState:
@@ -201,31 +228,27 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
     state = create_train_state(config, model, train["image"].shape[1:], tx)
 
-    run = checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints)
-    state = run.restore_or_start(state, resume=resume)
-    log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]))
-
-    device_data = jax.device_put(datasets)
-    compile_start = time.perf_counter()
-    epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size).compile()
-    log.compiled(time.perf_counter() - compile_start)
-    first_step = time.perf_counter()
-    while int(state.epoch) < config.epochs:
-        epoch_start = time.perf_counter()
-        state, sums = epoch_fn(state, device_data["train"])
-        train_summary = metrics.compute(jax.device_get(sums))
-        seconds = time.perf_counter() - epoch_start
-        record = {"epoch": int(state.epoch), "step": int(state.step), "image_shape": list(train["image"].shape[1:]),
-                  "train_loss": train_summary["loss"], "train_accuracy": train_summary["accuracy"],
-                  "train_seconds": seconds, "images_per_second": steps_per_epoch * config.batch_size / seconds}
-        for split in ("validation", "test"):
-            if len(datasets[split]["label"]):
-                result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size)
-                record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
-        now = time.perf_counter()
-        record |= {"wall_seconds": now - start, "seconds_from_first_step": now - first_step}
-        run.save(state, record)
-        log.epoch(record)
-    run.close()
+    with checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints) as run:
+        state = run.restore_or_start(state, resume=resume)
+        log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]))
+        device_data = jax.device_put(datasets)
+        compile_start = time.perf_counter()
+        epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size).compile()
+        log.compiled(time.perf_counter() - compile_start)
+        first_step = time.perf_counter()
+        while int(state.epoch) < config.epochs:
+            epoch_start = time.perf_counter()
+            state, sums = epoch_fn(state, device_data["train"])
+            sums = jax.device_get(sums)
+            _check_finite(state, sums, run.path)
+            record = _train_record(state, sums, time.perf_counter() - epoch_start, train["image"].shape[1:])
+            for split in ("validation", "test"):
+                if len(datasets[split]["label"]):
+                    result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size)
+                    record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
+            now = time.perf_counter()
+            record |= {"wall_seconds": now - start, "seconds_from_first_step": now - first_step}
+            run.save(state, record)
+            log.epoch(record)
     log.finish(run.summary())
     return state

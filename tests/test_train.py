@@ -1,10 +1,15 @@
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from digits_jax import checkpoint, models, optim, train
@@ -107,3 +112,39 @@ def test_preprocess_scales_uint8_to_unit_interval():
     out = train.preprocess(jnp.asarray([0, 51, 255], jnp.uint8))
     np.testing.assert_allclose(out, [0.0, 0.2, 1.0])
     assert out.dtype == jnp.float32
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, tiny_data):
+    poisoned = optax.chain(optax.adam(1e-3), optax.scale(float("nan")))  # every update turns parameters to NaN
+    with pytest.raises(train.NonFiniteError, match=r"epoch 1 \(steps 1-8\): the loss was NaN or Inf in 7 of its 8 "
+                                                   r"steps and the parameters hold NaN or Inf"):
+        train.train_and_evaluate(tiny_config, tmp_path, tx=poisoned, datasets=tiny_data)
+    assert checkpoint.read_records(tmp_path) == []
+    assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
+
+
+def test_a_run_directory_has_one_writer(tmp_path, tiny_config):
+    in_use = pytest.raises(checkpoint.RunInUseError, match=rf"{tmp_path} is in use by pid {os.getpid()}")
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1), in_use:
+        checkpoint.RunDir(tmp_path, tiny_config, keep=1)
+    checkpoint.RunDir(tmp_path, tiny_config, keep=1).close()  # released on close
+
+
+def test_a_dead_writer_does_not_hold_the_run_directory(tmp_path, tiny_config):
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from digits_jax import checkpoint, config\n"
+        f"run = checkpoint.RunDir({str(tmp_path)!r}, config.tiny(), keep=1)\n"
+        "print('locked', flush=True); time.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(checkpoint.RunInUseError, match=f"in use by pid {holder.pid}"):
+        checkpoint.RunDir(tmp_path, tiny_config, keep=1)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    checkpoint.RunDir(tmp_path, tiny_config, keep=1).close()
+
+
+def test_an_unwritable_run_directory_is_named(tmp_path, tiny_config):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match=f"cannot write to run directory {blocker}/run"):
+        checkpoint.RunDir(blocker / "run", tiny_config, keep=1)
