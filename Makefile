@@ -12,7 +12,7 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # GPU=1 installs jax with CUDA 12 wheels instead of the CPU build.
 JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
 
-.PHONY: setup train seed eval runs bench test lint clean
+.PHONY: setup train seed eval runs bench bench-peers test lint clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,9 @@ eval: setup  ## make eval CKPT=runs/default
 
 bench: setup  ## seed CNN throughput and the fast preset's time to 99% (experiments/bench.py)
 	$(PY) experiments/bench.py $(ARGS)
+
+bench-peers: setup  ## ours beside Keras, PyTorch, naive Flax and a fast PyTorch recipe (../shared/peers)
+	$(PY) experiments/bench_peers.py $(ARGS)
 
 runs: setup  ## compare every run under runs/
 	$(PY) -m digits_jax runs runs/*

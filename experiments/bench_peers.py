@@ -1,0 +1,102 @@
+"""Our benchmark beside the peer scripts in ../shared/peers, in one invocation, interleaved, as ratios.
+
+    make bench-peers               # = .venv/bin/python experiments/bench_peers.py [--rounds 1]
+
+Each round runs: ours (experiments/bench.py), Keras (tf.keras model.fit), PyTorch, naive Flax (one
+jitted step per batch fed from NumPy), and the fast PyTorch recipe (torch_fast.py --channels-last,
+5 seeds). Keras and PyTorch run from their own virtual environments under ~/.venvs, made on first use;
+the project itself never imports TensorFlow or PyTorch. Prints images/s per implementation and
+ours/peer ratios, and writes runs/bench/peers.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PEERS = REPO.parent / "shared" / "peers"
+VENVS = Path.home() / ".venvs"
+REQUIREMENTS = {"peers-tf": ["tensorflow-cpu"], "peers-torch": ["torch==2.13.0", "numpy"]}
+STEADY = re.compile(r"steady epoch \(mean of epochs [^)]*\): ([\d.]+) s, (\d+) img/s")
+
+
+def python_for(venv: str) -> str:
+    """The interpreter of a peer's virtual environment, created and filled on first use."""
+    python, installed = VENVS / venv / "bin" / "python", VENVS / venv / ".installed"
+    if not installed.exists():
+        print(f"setting up {VENVS / venv} (first use) ...", flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(VENVS / venv)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS[venv]], check=True)
+        installed.touch()
+    return str(python)
+
+
+def run(name: str, command: list[str], cwd: Path) -> str:
+    print(f"--- {name}: {' '.join(command)}", flush=True)
+    start = time.perf_counter()
+    result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"{name} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
+    print(result.stdout.strip().splitlines()[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return result.stdout
+
+
+def steady_images_per_second(stdout: str) -> float:
+    match = STEADY.search(stdout)
+    if match is None:
+        raise RuntimeError(f"no 'steady epoch' line in:\n{stdout[-1000:]}")
+    return float(match.group(2))
+
+
+def one_round(epochs: int, out: Path) -> dict[str, object]:
+    ours_json = out.parent / "bench-in-peers.json"
+    run("ours", [sys.executable, "experiments/bench.py", "--epochs", str(epochs), "--out", str(ours_json)], REPO)
+    ours = json.loads(ours_json.read_text())
+    tf, torch = python_for("peers-tf"), python_for("peers-torch")
+    results: dict[str, object] = {"ours": ours}
+    for name, python, script in (("keras", tf, "keras_seed.py"), ("pytorch", torch, "torch_seed.py"),
+                                 ("naive_flax", sys.executable, "flax_seed.py")):
+        results[name] = {"images_per_second": steady_images_per_second(run(name, [python, script, str(epochs)],
+                                                                          PEERS))}
+    fast = run("torch_fast", [torch, "torch_fast.py", "--channels-last"], PEERS)
+    seeds = re.findall(r"seed (\d+): test_acc ([\d.]+)%.*?train ([\d.]+) s.*?process ([\d.]+) s", fast)
+    results["torch_fast"] = {"seeds": [{"seed": int(s), "test_accuracy": float(a) / 100, "train_seconds": float(t),
+                                        "process_seconds": float(p)} for s, a, t, p in seeds]}
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "peers.json")
+    args = parser.parse_args()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    rounds = [one_round(args.epochs, args.out) for _ in range(args.rounds)]
+    args.out.write_text(json.dumps(rounds, indent=2))
+    print("\nimages/s, seed CNN at batch 128 (steady epochs), and ours/peer:")
+    for i, r in enumerate(rounds):
+        ours = r["ours"]["seed_cnn"]["train_images_per_second"]
+        peers = {name: r[name]["images_per_second"] for name in ("keras", "pytorch", "naive_flax")}
+        ratios = ", ".join(f"{name} {ips:,.0f} ({ours / ips:.2f}x)" for name, ips in peers.items())
+        print(f"round {i + 1}: ours {ours:,.0f}; {ratios}")
+        fast = r["ours"]["fast"]
+        hits = [f for f in fast if f["from_process_start"] is not None]
+        torch_fast = r["torch_fast"]["seeds"]
+        print(f"  time to 99.0%: ours (fast preset) {len(hits)}/{len(fast)} seeds reached it"
+              + (f", {min(f['from_process_start'] for f in hits):.1f}-{max(f['from_process_start'] for f in hits):.1f}"
+                 " s from process start" if hits else "")
+              + f"; torch_fast {sum(s['test_accuracy'] >= 0.99 for s in torch_fast)}/{len(torch_fast)} seeds, "
+              f"seed 0 {torch_fast[0]['process_seconds']:.1f} s from process start, "
+              f"{sum(s['train_seconds'] for s in torch_fast) / len(torch_fast):.1f} s training per seed")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
