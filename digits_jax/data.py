@@ -185,7 +185,7 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
 
     Reads through `tfds.data_source` (random access to ArrayRecord files; reading needs no TensorFlow, images
     are decoded with Pillow). Preparing needs TensorFlow in tensorflow-datasets 4.9.10: without it, a dataset
-    that tfds downloads as IDX files (mnist, fashion_mnist, kmnist) and has not prepared goes through
+    that tfds downloads as IDX files (mnist, fashion_mnist, kmnist) and has not prepared is fetched by
     `_download_idx` instead; others raise a `DataError` saying what to do.
 
     Args:
@@ -202,13 +202,21 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
 
         builder = tfds.builder(name, data_dir=data_dir)
         urls = _idx_urls(builder)
-        if urls and importlib.util.find_spec("tensorflow") is None and not builder.is_prepared():
-            return _download_idx(builder, urls)
+        # Without TensorFlow tfds would download such a dataset, then fail to prepare it: let it only read a
+        # prepared one, and otherwise fetch the IDX files with `_download_idx`.
+        idx_fallback = urls is not None and importlib.util.find_spec("tensorflow") is None
         # tfds picks ArrayRecord (random access, written without TensorFlow) only when data_dir is None;
         # with a data_dir it would write TFRecord, which needs TensorFlow and has no data source.
         builder_kwargs = {"file_format": "array_record"}
-        sources = {split: tfds.data_source(name, split=split, data_dir=data_dir, builder_kwargs=builder_kwargs)
-                   for split in ("train", "test")}
+        try:
+            sources = {split: tfds.data_source(name, split=split, data_dir=data_dir, download=not idx_fallback,
+                                               builder_kwargs=builder_kwargs) for split in ("train", "test")}
+        except Exception:
+            if not idx_fallback:
+                raise
+            sources = {}
+        if urls and not sources:
+            return _download_idx(builder, urls)
         return {split: _to_arrays(source, f"tensorflow-datasets {name!r} split {split!r}")
                 for split, source in sources.items()}
     except DataError:
@@ -225,10 +233,12 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
 
 
 def _idx_urls(builder: Any) -> dict[str, str] | None:
-    """{IDX file name: URL} if `builder` downloads IDX .gz files as tfds's MNIST does, with registered checksums."""
+    """{IDX file name: URL} if `builder` downloads IDX .gz files as tfds's MNIST does, with registered checksums.
+
+    MNIST, Fashion-MNIST and KMNIST share MNIST's download code (its URL + these names); EMNIST has its own.
+    """
     from tensorflow_datasets.image_classification import mnist
 
-    # MNIST, Fashion-MNIST and KMNIST share MNIST's download code (its URL + these names); EMNIST has its own.
     if type(builder)._split_generators is not mnist.MNIST._split_generators:
         return None
     urls = {name: urllib.parse.urljoin(builder.URL, f"{name}.gz") for pair in IDX_FILES.values() for name in pair}
@@ -236,13 +246,11 @@ def _idx_urls(builder: Any) -> dict[str, str] | None:
 
 
 def _download_idx(builder: Any, urls: dict[str, str]) -> Splits:
-    """Loads an MNIST-style tfds dataset without TensorFlow: tfds's download manager fetches it, we read the IDX.
+    """Exists because tfds 4.9.10 cannot prepare MNIST-style datasets without TensorFlow, not a dependency of ours.
 
-    This exists because tensorflow-datasets 4.9.10 cannot prepare these datasets without TensorFlow (it extracts
-    the .gz files with tf.io.gfile and encodes images with tf.image) and TensorFlow is not a dependency. Its
-    download manager needs none: set up as the builder sets it up, it keeps the files in
-    <data_dir>/downloads/<name> (so later calls, and tfds itself once TensorFlow is there, reuse them) and checks
-    them against tfds's registered sizes and checksums; MNIST's content is then also checked against the pins.
+    (It extracts the .gz files with tf.io.gfile and encodes images with tf.image.) Its download manager needs no
+    TensorFlow: set up as the builder sets it up, it keeps the files in <data_dir>/downloads/<name> (reused by later
+    calls, and by tfds once TensorFlow is there) and checks tfds's registered sizes and checksums; we read the IDX.
     """
     from tensorflow_datasets.core import download
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib.util
 import os
 import struct
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -271,9 +273,10 @@ def test_tfds_failure_explains_the_alternative(monkeypatch: pytest.MonkeyPatch) 
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tfds, "data_source", offline)
-    with pytest.raises(DataError, match=f"could not download, prepare or read 'mnist'.*--data-dir or "
+    # Not a dataset tfds downloads as IDX files: without TensorFlow those never get here (see the tests below).
+    with pytest.raises(DataError, match=f"could not download, prepare or read 'cifar10'.*--data-dir or "
                                         f"\\${DATA_DIR_ENV}") as info:
-        load_tfds("mnist")
+        load_tfds("cifar10")
     assert isinstance(info.value.__cause__, ConnectionError)
 
 
@@ -281,39 +284,173 @@ MNIST_URLS = [f"https://storage.googleapis.com/cvdf-datasets/mnist/{name}.gz"
               for pair in data.IDX_FILES.values() for name in pair]
 
 
-def fake_downloads(monkeypatch: pytest.MonkeyPatch, tfds: Any, directory: Path, *, extract: bool) -> list[str]:
-    """Makes tfds's `DownloadManager.download_and_extract` take each URL's file from `directory`, not the network.
+def fake_downloads(monkeypatch: pytest.MonkeyPatch, tfds: Any, directory: Path) -> list[str]:
+    """Makes tfds's `DownloadManager.download_and_extract` map each URL to the uncompressed file in `directory`.
 
-    With `extract`, the local .gz files go through tfds's own extraction; without, the URL maps straight to the
-    uncompressed file (download and extraction both stood in for). Returns the list of URLs asked for.
+    Download and extraction both stood in for. Returns the list of URLs asked for.
     """
     requested: list[str] = []
 
     def download_and_extract(self: Any, url_or_urls: dict[str, str]) -> dict[str, Any]:
         requested.extend(url_or_urls.values())
-        names = {key: url.rsplit("/", 1)[-1] for key, url in url_or_urls.items()}
-        if extract:
-            return self.extract({key: directory / name for key, name in names.items()})
-        return {key: directory / name.removesuffix(".gz") for key, name in names.items()}
+        return {key: directory / url.rsplit("/", 1)[-1].removesuffix(".gz") for key, url in url_or_urls.items()}
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
     return requested
 
 
-def test_tfds_cannot_prepare_without_tensorflow(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tfds = pytest.importorskip("tensorflow_datasets")
+def serve_urls(monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]) -> list[str]:
+    """Fakes only the network: tfds's HTTP GET serves each URL in `files` from that local file, others fail.
+
+    Everything above it is tfds's own: its download manager, cache, INFO files and checksum checks. Returns the
+    list of URLs fetched.
+    """
+    downloader = pytest.importorskip("tensorflow_datasets.core.download.downloader")
+    requested: list[str] = []
+
+    @contextlib.contextmanager
+    def open_with_requests(url: str, **kwargs: Any) -> Iterator[tuple[Any, Iterator[bytes]]]:
+        requested.append(url)
+        if url not in files:
+            raise ConnectionError(f"no network in this test: {url}")
+        content = files[url].read_bytes()
+        yield SimpleNamespace(url=url, headers={"Content-length": str(len(content))}), iter([content])
+
+    monkeypatch.setattr(downloader, "_open_with_requests", open_with_requests)
+    return requested
+
+
+def registered(files: dict[str, Path]) -> dict[str, Any]:
+    """tfds `UrlInfo`s (size, SHA-256 of the .gz bytes) of the files served at these URLs."""
+    checksums = pytest.importorskip("tensorflow_datasets.core.download.checksums")
+    return {url: checksums.compute_url_info(path) for url, path in files.items()}
+
+
+def without_tensorflow() -> None:
     if importlib.util.find_spec("tensorflow") is not None:
         pytest.skip("TensorFlow is installed: this checks what happens without it")
-    (tmp_path / "downloads").mkdir()
-    make_idx_dir(tmp_path / "downloads")
-    requested = fake_downloads(monkeypatch, tfds, tmp_path / "downloads", extract=True)
-    # The download (faked) succeeds; tfds's extractor then opens the .gz with tf.io.gfile.
-    with pytest.raises(DataError, match="could not prepare 'mnist': .* needs TensorFlow, which digits_jax does not "
-                                        f"install .*--data-dir or \\${DATA_DIR_ENV}") as info:
-        load_tfds("mnist", data_dir=tmp_path / "tfds")
-    assert "No module named 'tensorflow'" in str(info.value)
+
+
+def fail_like_missing_tensorflow(*args: object, **kwargs: object) -> None:
+    """Stands in for `tfds.data_source` failing as tfds 4.9.10 does without TensorFlow (after downloading)."""
+    raise ModuleNotFoundError("No module named 'tensorflow'", name="tensorflow")
+
+
+@pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST not found at {REAL_MNIST}")
+def test_tfds_without_tensorflow_downloads_mnist_idx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorflow_datasets")
+    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+    without_tensorflow()
+    files = {url: REAL_MNIST / url.rsplit("/", 1)[-1] for url in MNIST_URLS}
+    # Three of the shared .gz files are the official archives, checked against tfds's registered checksums. The
+    # fourth was recompressed (same content, other bytes): for this test only, register what is served for it.
+    url_infos = dict(mnist.MNIST.url_infos)
+    recompressed = MNIST_URLS[0]
+    assert recompressed.endswith("/train-images-idx3-ubyte.gz")
+    assert url_infos[recompressed] != registered(files)[recompressed]
+    url_infos[recompressed] = registered(files)[recompressed]
+    monkeypatch.setattr(mnist.MNIST, "url_infos", url_infos)
+    requested = serve_urls(monkeypatch, files)
+
+    # Not prepared, and tfds cannot prepare it without TensorFlow: its download manager fetches the IDX files.
+    splits = load_tfds("mnist", data_dir=tmp_path)
     assert sorted(requested) == sorted(MNIST_URLS)
+    assert len(list((tmp_path / "downloads/mnist").glob("*.gz"))) == 4
+    assert not list(tmp_path.glob("mnist/*/*.array_record*"))  # not prepared by tfds
+    expected = load_idx_dir(REAL_MNIST, verify_mnist=True)
+    for split in ("train", "test"):  # in the IDX files' order: tfds would have shuffled them
+        np.testing.assert_array_equal(splits[split]["image"], expected[split]["image"])
+        np.testing.assert_array_equal(splits[split]["label"], expected[split]["label"])
+        assert splits[split]["label"].dtype == np.int32
+    again = load_tfds("mnist", data_dir=tmp_path)
+    assert len(requested) == len(MNIST_URLS)  # nothing downloaded again
+    np.testing.assert_array_equal(again["train"]["image"], splits["train"]["image"])
     assert "tensorflow" not in sys.modules
+
+
+FASHION_URLS = [f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{name}.gz"
+                for pair in data.IDX_FILES.values() for name in pair]
+
+
+def test_tfds_without_tensorflow_downloads_through_tfds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tfds = pytest.importorskip("tensorflow_datasets")
+    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+    without_tensorflow()
+    (tmp_path / "served").mkdir()
+    make_idx_dir(tmp_path / "served")
+    files = {url: tmp_path / "served" / url.rsplit("/", 1)[-1] for url in FASHION_URLS}
+    assert set(files) == set(mnist.FashionMNIST.url_infos)  # the builder's own URLs
+    monkeypatch.setattr(mnist.FashionMNIST, "url_infos", registered(files))  # tiny stand-ins for the real files
+    requested = serve_urls(monkeypatch, files)
+    managers: list[Any] = []
+    init = tfds.download.DownloadManager.__init__
+
+    def recording_init(self: Any, **kwargs: Any) -> None:
+        managers.append(kwargs)
+        init(self, **kwargs)
+
+    monkeypatch.setattr(tfds.download.DownloadManager, "__init__", recording_init)
+
+    splits = load_tfds("fashion_mnist", data_dir=tmp_path / "tfds")
+    assert sorted(requested) == sorted(FASHION_URLS)
+    assert managers[0]["download_dir"] == tmp_path / "tfds/downloads"
+    assert managers[0]["dataset_name"] == "fashion_mnist"
+    assert len(list((tmp_path / "tfds/downloads/fashion_mnist").glob("*.gz.INFO"))) == 4  # tfds's bookkeeping
+    expected = load_idx_dir(tmp_path / "served", verify_mnist=False)
+    for split in ("train", "test"):
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(splits[split][key], expected[split][key])
+    again = load_tfds("fashion_mnist", data_dir=tmp_path / "tfds")
+    assert len(requested) == len(FASHION_URLS) and len(managers) == 2
+    np.testing.assert_array_equal(again["test"]["label"], splits["test"]["label"])
+    assert "tensorflow" not in sys.modules
+
+
+def test_tfds_without_tensorflow_checks_tfds_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorflow_datasets")
+    without_tensorflow()
+    make_idx_dir(tmp_path)
+    # Served as the real MNIST but not it: tfds's registered checksums reject the download.
+    requested = serve_urls(monkeypatch, {url: tmp_path / url.rsplit("/", 1)[-1] for url in MNIST_URLS})
+    with pytest.raises(DataError, match="downloading its IDX files with its download manager failed "
+                                        "\\(NonMatchingChecksumError"):
+        load_tfds("mnist", data_dir=tmp_path / "tfds")
+    assert requested
+
+
+def test_tfds_without_tensorflow_checks_mnist_pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorflow_datasets")
+    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+    without_tensorflow()
+    make_idx_dir(tmp_path)
+    files = {url: tmp_path / url.rsplit("/", 1)[-1] for url in MNIST_URLS}
+    monkeypatch.setattr(mnist.MNIST, "url_infos", registered(files))  # tfds accepts them; our pins do not
+    serve_urls(monkeypatch, files)
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.*checksum mismatch"):
+        load_tfds("mnist", data_dir=tmp_path / "tfds")
+
+
+def test_tfds_without_tensorflow_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("tensorflow_datasets")
+    without_tensorflow()
+    requested = serve_urls(monkeypatch, {})
+    with pytest.raises(DataError, match="cannot prepare 'mnist' without TensorFlow, and downloading its IDX files "
+                                        f"with its download manager failed .*no network.*--data-dir or "
+                                        f"\\${DATA_DIR_ENV} to a directory of IDX files") as info:
+        load_tfds("mnist", data_dir=tmp_path)
+    assert requested and set(requested) <= set(MNIST_URLS)
+    assert isinstance(info.value.__cause__, ConnectionError)
+
+
+def test_tfds_without_tensorflow_other_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tfds = pytest.importorskip("tensorflow_datasets")
+    requested = serve_urls(monkeypatch, {})
+    monkeypatch.setattr(tfds, "data_source", fail_like_missing_tensorflow)
+    # EMNIST's builder derives from MNIST's but downloads a zip: no IDX fallback, the TensorFlow advice instead.
+    with pytest.raises(DataError, match="could not prepare 'emnist': .* needs TensorFlow, which digits_jax does not "
+                                        f"install .*tfds build emnist.*--data-dir or \\${DATA_DIR_ENV}"):
+        load_tfds("emnist", data_dir=tmp_path)
+    assert requested == []
 
 
 def sorted_records(split: dict[str, np.ndarray]) -> np.ndarray:
@@ -331,9 +468,11 @@ def test_tfds_prepared_mnist_reads_like_the_idx_files(tmp_path: Path, monkeypatc
     pil_image = pytest.importorskip("PIL.Image")
     (tmp_path / "downloads").mkdir()
     make_idx_dir(tmp_path / "downloads", gz=False)
-    requested = fake_downloads(monkeypatch, tfds, tmp_path / "downloads", extract=False)
-    # tfds 4.9.10's MNIST preparation calls TensorFlow twice more (see the test above for the first); stand in
-    # for just those two calls, so the rest of it is tfds's own code: its download manager, MNIST's builder,
+    requested = fake_downloads(monkeypatch, tfds, tmp_path / "downloads")
+    idx_urls = data._idx_urls
+    monkeypatch.setattr(data, "_idx_urls", lambda builder: None)  # no IDX fallback: tfds prepares it here
+    # tfds 4.9.10's MNIST preparation calls TensorFlow three times: to extract (stood in for just above), to read
+    # MNIST's files and to encode images. Stand in for those, so the rest of it is tfds's own code: MNIST's builder,
     # feature encoding, serialization, shuffling and the ArrayRecord writer, then the real data source.
     monkeypatch.setattr(mnist, "tf", SimpleNamespace(io=SimpleNamespace(gfile=SimpleNamespace(GFile=open))))
     monkeypatch.setattr(image_feature._ImageEncoder, "_encode_image",  # tf.image.encode_png
@@ -360,7 +499,10 @@ def test_tfds_prepared_mnist_reads_like_the_idx_files(tmp_path: Path, monkeypatc
         assert label.shape == (n,) and label.dtype == np.int32
         # tfds shuffles the examples once, when it prepares them: the same records, in another order.
         np.testing.assert_array_equal(sorted_records(splits[split]), sorted_records(expected[split]))
-    # Prepared once: the second call reads what is there and downloads nothing.
+    # Prepared once: the second call reads what is there through tfds (IDX fallback back on: it is not needed) and
+    # downloads nothing (any download would fail at once).
+    monkeypatch.setattr(data, "_idx_urls", idx_urls)
+    serve_urls(monkeypatch, {})
     again = load_tfds("mnist", data_dir=tmp_path / "tfds")
     assert len(requested) == len(MNIST_URLS)
     np.testing.assert_array_equal(again["train"]["image"], splits["train"]["image"])
