@@ -7,20 +7,24 @@ SHARED_MNIST := $(abspath ../shared/datasets/mnist)
 ifneq ($(wildcard $(SHARED_MNIST)/train-images-idx3-ubyte*),)
 export DIGITS_JAX_DATA_DIR ?= $(SHARED_MNIST)
 endif
-# XLA:CPU allocates one large temporary per step; huge pages make it much cheaper (docs: PERF_NOTES).
+# XLA:CPU allocates large temporaries; glibc huge pages make them much cheaper to fault in (measured in
+# ../shared/docs/PERF_NOTES.md). glibc ignores the tunable where it does not know it.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
-# GPU=1 installs jax with CUDA 12 wheels instead of the CPU build.
+# GPU=1 installs jax with CUDA 12 wheels instead of the CPU build; each flavour has its own stamp.
+FLAVOUR := $(if $(GPU),cuda12,cpu)
 JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
+STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: setup train seed eval runs bench bench-peers test lint clean
+.PHONY: setup train seed eval runs bench bench-peers chaos test lint clean
 
-$(VENV)/.installed: pyproject.toml constraints.txt
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]' '$(JAX_SPEC)'
+	rm -f $(VENV)/.installed-*
 	touch $@
 
-setup: $(VENV)/.installed
+setup: $(STAMP)
 
 train: setup  ## train the default config into runs/default and report its test accuracy
 	$(PY) -m digits_jax train --config default --workdir runs/default $(if $(RESUME),--resume) $(ARGS)
@@ -38,6 +42,9 @@ bench: setup  ## seed CNN throughput and the fast preset's time to 99% (experime
 bench-peers: setup  ## ours beside Keras, PyTorch, naive Flax and a fast PyTorch recipe (../shared/peers)
 	$(PY) experiments/bench_peers.py $(ARGS)
 
+chaos: setup  ## SIGKILL training at random moments and damage checkpoints; resumed runs must be bitwise equal
+	$(PY) experiments/chaos.py $(ARGS)
+
 runs: setup  ## compare every run under runs/
 	$(PY) -m digits_jax runs runs/*
 
@@ -48,5 +55,5 @@ lint: setup
 	$(VENV)/bin/ruff check digits_jax tests experiments
 	$(VENV)/bin/mypy
 
-clean:
-	rm -rf $(VENV) runs
+clean:  ## remove the virtual environment (runs/ holds results and is kept)
+	rm -rf $(VENV)

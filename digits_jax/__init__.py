@@ -1,13 +1,24 @@
 """digits_jax: train and evaluate handwritten-digit classifiers with JAX, Flax, Optax and Orbax."""
 
-from digits_jax import config, data, metrics, models, optim
-from digits_jax.checkpoint import Restored, restore
+from digits_jax import config, data, metrics, models, optim, runs
+from digits_jax.checkpoint import (
+    CheckpointSkippedWarning,
+    Restored,
+    RunInUseError,
+    best_record,
+    read_records,
+    restore,
+    state_digest,
+)
 from digits_jax.config import Config
 from digits_jax.data import DataError, load
 from digits_jax.train import (
     EvalResult,
+    NonFiniteError,
     TrainState,
     create_train_state,
+    epoch_order,
+    eval_step,
     evaluate,
     train_and_evaluate,
     train_epoch,
@@ -15,6 +26,8 @@ from digits_jax.train import (
 )
 
 __all__ = [
-    "Config", "DataError", "EvalResult", "Restored", "TrainState", "config", "create_train_state", "data",
-    "evaluate", "load", "metrics", "models", "optim", "restore", "train_and_evaluate", "train_epoch", "train_step",
+    "CheckpointSkippedWarning", "Config", "DataError", "EvalResult", "NonFiniteError", "Restored", "RunInUseError",
+    "TrainState", "best_record", "config", "create_train_state", "data", "epoch_order", "eval_step", "evaluate",
+    "load", "metrics", "models", "optim", "read_records", "restore", "runs", "state_digest", "train_and_evaluate",
+    "train_epoch", "train_step",
 ]

@@ -7,21 +7,30 @@ Layout of `workdir`:
                    'config' and 'record' (that epoch's metrics and the image shape), so a checkpoint
                    directory alone is enough to restore and evaluate.
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a crash
-mid-save leaves the previous checkpoints intact.
+mid-save leaves the previous checkpoints intact. Each record also carries the SHA-256 of the saved
+state: a checkpoint whose files were damaged later is detected on restore and skipped, with a warning,
+for the newest intact one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
+import hashlib
 import json
 import os
+import shutil
 import socket
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
+import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
@@ -39,6 +48,18 @@ class RunInUseError(RuntimeError):
     """Another live process is writing the run directory."""
 
 
+class CheckpointSkippedWarning(UserWarning):
+    """A checkpoint could not be read back intact and an older one was used."""
+
+
+def state_digest(state: Any) -> str:
+    """SHA-256 of every leaf's bytes in tree order: what a restore must give back bit for bit."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(state)):
+        digest.update(np.ascontiguousarray(leaf).tobytes())
+    return digest.hexdigest()
+
+
 def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
     # Latest `keep` for resuming, plus the best by validation accuracy for evaluation.
     policy = policies.AnyPreservationPolicy([
@@ -48,7 +69,8 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.Che
     # Synchronous saves: the train state is donated to the next epoch, so it must be on disk first.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
                                            create=not read_only, read_only=read_only,
-                                           save_interval_steps=0 if read_only else 1)
+                                           save_interval_steps=0 if read_only else 1,
+                                           cleanup_tmp_directories=not read_only)
     return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "record"))
 
 
@@ -89,6 +111,7 @@ class RunDir:
         latest = self.manager.latest_step()
         if latest is None:
             _write_atomic(self.path / "config.json", self.config.to_json())
+            _write_atomic(self.path / METRICS, "")  # records of a run killed before its first checkpoint
             return state
         if not resume:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
@@ -98,23 +121,33 @@ class RunDir:
         if changed:
             raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
                              "config.json; resume with the same config or start a new --workdir")
-        restored = self.manager.restore(latest, args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))))
-        self.records = [r for r in read_records(self.path) if r["epoch"] <= latest]
+        abstract = _on_this_device(state)
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        epoch, state, meta = _restore_intact(self.manager, steps, lambda _: abstract, self.path / CHECKPOINTS)
+        for damaged in steps[:steps.index(epoch)]:  # set aside, so that its epoch can be saved again
+            aside = self.path / f"damaged-checkpoint-{damaged}-{time.time():.0f}"
+            shutil.move(self.path / CHECKPOINTS / str(damaged), aside)
+        self.manager.reload()
+        # The checkpoint's own record replaces a lost or stale line for its epoch.
+        checkpoint_record = {k: v for k, v in meta.record.items() if k != "state_sha256"}
+        self.records = [r for r in read_records(self.path) if r["epoch"] < epoch] + [checkpoint_record]
         _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
-        return restored.state
+        return state
 
     def save(self, state: Any, record: dict[str, Any]) -> None:
-        """Checkpoints `state` as step `record['epoch']`, then appends `record` to metrics.jsonl."""
-        epoch = record["epoch"]
-        best = {BEST_METRIC: record[BEST_METRIC]} if BEST_METRIC in record else None
-        self.manager.save(epoch, metrics=best, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
-            record=ocp.args.JsonSave(record)))
+        """Appends `record` to metrics.jsonl, then checkpoints `state` as step `record['epoch']`.
+
+        In this order a crash anywhere leaves no checkpoint without its record; a record without its
+        checkpoint is dropped on resume, when that epoch is trained again.
+        """
         with open(self.path / METRICS, "a") as f:
             f.write(json.dumps(record) + "\n")
         self.records.append(record)
+        best = {BEST_METRIC: record[BEST_METRIC]} if BEST_METRIC in record else None
+        self.manager.save(record["epoch"], metrics=best, args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
+            record=ocp.args.JsonSave(record | {"state_sha256": state_digest(state)})))
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -133,11 +166,15 @@ class RunDir:
 
 
 def read_records(workdir: str | Path) -> list[dict[str, Any]]:
-    """The per-epoch records of a run directory, oldest first."""
+    """The per-epoch records of a run directory, oldest first; a last line cut short by a crash is ignored."""
     path = Path(workdir) / METRICS
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    with contextlib.suppress(json.JSONDecodeError):
+        records += [json.loads(line) for line in lines[-1:]]
+    return records
 
 
 def best_record(records: list[dict[str, Any]]) -> dict[str, Any]:
@@ -187,28 +224,67 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
 
     directory, chosen = _locate(Path(path).absolute())
     manager = _manager(directory, read_only=True)
-    if chosen is None:
-        chosen = _choose_step(manager, step, directory)
-    meta = manager.restore(chosen, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
-                                                           record=ocp.args.JsonRestore()))
-    config = Config.from_dict(meta.config)
-    model = model if model is not None else models.create(config.model, config.num_classes)
-    tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch=1)
-    abstract = jax.eval_shape(lambda: create_train_state(config, model, tuple(meta.record["image_shape"]), tx))
-    state = manager.restore(chosen, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-    manager.close()
-    return Restored(state=state, config=config, record=meta.record, epoch=chosen)
+
+    def abstract_state(meta: Any) -> Any:
+        config = Config.from_dict(meta.config)
+        net = model if model is not None else models.create(config.model, config.num_classes)
+        optimizer = tx if tx is not None else optim.optimizer(config, steps_per_epoch=1)
+        shapes = jax.eval_shape(lambda: create_train_state(config, net, tuple(meta.record["image_shape"]), optimizer))
+        return _on_this_device(shapes)
+
+    try:
+        candidates = [chosen] if chosen is not None else _candidates(manager, step, directory)
+        epoch, state, meta = _restore_intact(manager, candidates, abstract_state, directory)
+    finally:
+        manager.close()
+    return Restored(state=state, config=Config.from_dict(meta.config), record=meta.record, epoch=epoch)
 
 
-def _choose_step(manager: ocp.CheckpointManager, step: int | str, directory: Path) -> int:
-    steps = sorted(manager.all_steps())
+def _on_this_device(tree: Any) -> Any:
+    """Restore targets placed on this process's first device, so a GPU checkpoint restores on a CPU and back."""
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+
+
+def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstract_state: Callable[[Any], Any],
+                    directory: Path) -> tuple[int, Any, Any]:
+    """(step, state, meta with .config and .record) of the first of `steps` that reads back intact."""
+    for step in steps:
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
+                                                                 record=ocp.args.JsonRestore()))
+            target = ocp.args.StandardRestore(abstract_state(meta))
+            state = manager.restore(step, args=ocp.args.Composite(state=target)).state
+            saved_digest = meta.record.get("state_sha256")  # absent in checkpoints saved before it existed
+            if saved_digest is not None and state_digest(state) != saved_digest:
+                raise ValueError("its state does not match the SHA-256 saved with it")
+            return step, state, meta
+        except Exception as error:  # noqa: BLE001 -- whatever broke the read, this checkpoint is not usable
+            reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+            warnings.warn(f"skipping damaged checkpoint {directory / str(step)}: {reason}",
+                          CheckpointSkippedWarning, stacklevel=3)
+    raise FileNotFoundError(f"no intact checkpoint in {directory} (tried epochs {list(steps)}); if they are intact, "
+                            "check that model= and tx= match the ones that were trained")
+
+
+def _candidates(manager: ocp.CheckpointManager, step: int | str, directory: Path) -> list[int]:
+    """Steps to try, best first: `step` alone, newest first for "latest", by validation accuracy for "best"."""
+    steps = sorted(manager.all_steps(), reverse=True)
     if not steps:
         raise FileNotFoundError(f"{directory} holds no complete checkpoint")
     if step == "latest":
-        return steps[-1]
+        return steps
     if step == "best":
-        records = [manager.restore(s, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record for s in steps]
-        return best_record(records)["epoch"]
+        return sorted(steps, key=lambda s: _validation_accuracy(manager, s), reverse=True)
     if int(step) not in steps:
-        raise FileNotFoundError(f"{directory} has no checkpoint for epoch {step}; it has {steps}")
-    return int(step)
+        raise FileNotFoundError(f"{directory} has no checkpoint for epoch {step}; it has {sorted(steps)}")
+    return [int(step)]
+
+
+def _validation_accuracy(manager: ocp.CheckpointManager, step: int) -> float:
+    """A step's validation accuracy for ranking; -1 when it has none or its record cannot be read."""
+    try:
+        record = manager.restore(step, args=ocp.args.Composite(record=ocp.args.JsonRestore())).record
+    except Exception:  # noqa: BLE001 -- an unreadable record ranks last; _restore_intact reports it
+        return -1.0
+    return float(record.get(BEST_METRIC, -1.0))

@@ -5,11 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
+from typing import TextIO
 
 from absl import logging as absl_logging
 
 from digits_jax import config as config_lib
+from digits_jax.checkpoint import RunInUseError
+from digits_jax.train import NonFiniteError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -56,6 +60,19 @@ def _runs(args: argparse.Namespace) -> int:
     return 0
 
 
+def _step(text: str) -> int | str:
+    if text in ("best", "latest"):
+        return text
+    if text.isdigit():
+        return int(text)
+    raise argparse.ArgumentTypeError(f"{text!r} is not an epoch number, 'best' or 'latest'")
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: TextIO | None = None, line: str | None = None) -> None:
+    print(f"digits-jax: warning: {message}", file=sys.stderr)
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of `digits-jax`."""
     p = argparse.ArgumentParser(prog="digits-jax", description="Train and evaluate digit classifiers with JAX.")
@@ -72,7 +89,7 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="restore a checkpoint and evaluate it")
     e.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/N directory")
-    e.add_argument("--step", default="best", help="epoch to restore, 'best' (by validation) or 'latest'")
+    e.add_argument("--step", default="best", type=_step, help="epoch to restore, 'best' (by validation) or 'latest'")
     e.add_argument("--split", default="test", choices=("test", "validation", "train"))
     e.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
@@ -89,11 +106,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     # Orbax and tensorflow-datasets log routine notes as absl warnings; users need only our lines.
     absl_logging.set_verbosity(absl_logging.ERROR)
+    warnings.showwarning = _show_warning
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError, OSError, RuntimeError, FloatingPointError) as e:
+    except (ValueError, OSError, RunInUseError, NonFiniteError) as e:  # bad input or state: a message, no traceback
         print(f"digits-jax {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return 1
 
 
 if __name__ == "__main__":

@@ -319,7 +319,8 @@ def _check_labels(labels: np.ndarray, num_classes: int, origin: str) -> None:
 def load(config: Config) -> Splits:
     """The train, validation and test splits that `config` asks for.
 
-    The source is config.data_dir, else ${DIGITS_JAX_DATA_DIR}, else tensorflow-datasets `config.dataset`. IDX
+    The source is config.data_dir, else (for "mnist" only: it names where MNIST's files are)
+    ${DIGITS_JAX_DATA_DIR}, else tensorflow-datasets `config.dataset`. IDX
     files are checked against the MNIST pins iff config.dataset == "mnist". Validation is the last
     config.validation_size training images (independent of the seed); config.train_limit then keeps only
     the first images of the rest.
@@ -327,7 +328,7 @@ def load(config: Config) -> Splits:
     Returns:
       {'train', 'validation', 'test'}, each {'image': (N, H, W, 1) uint8, 'label': (N,) int32}.
     """
-    directory = config.data_dir or os.environ.get(DATA_DIR_ENV)
+    directory = config.data_dir or (os.environ.get(DATA_DIR_ENV) if config.dataset == "mnist" else None)
     if directory:
         splits, label_paths = _load_idx_dir(Path(directory), verify_mnist=config.dataset == "mnist")
         origins = {split: str(path) for split, path in label_paths.items()}

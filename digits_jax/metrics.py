@@ -23,15 +23,16 @@ def batch(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Arr
       {'loss': sum of losses, 'correct': number right, 'count': examples,
        'confusion': (C, C) int32 counts, rows = true class, columns = predicted}.
     """
-    weight = jnp.ones_like(losses) if mask is None else mask.astype(losses.dtype)
+    keep = jnp.ones(losses.shape, bool) if mask is None else mask
     num_classes = logits.shape[-1]
     predicted = jnp.argmax(logits, axis=-1)
-    true_onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * weight.astype(jnp.int32)[:, None]
+    true_onehot = jax.nn.one_hot(labels, num_classes, dtype=jnp.int32) * keep.astype(jnp.int32)[:, None]
     pred_onehot = jax.nn.one_hot(predicted, num_classes, dtype=jnp.int32)
+    # Sums in float32 and counts in int32 whatever the model's dtype: bfloat16 counts stop being exact at 256.
     return {
-        "loss": jnp.sum(losses * weight),
-        "correct": jnp.sum((predicted == labels) * weight),
-        "count": jnp.sum(weight),
+        "loss": jnp.sum(jnp.where(keep, losses.astype(jnp.float32), 0.0)),
+        "correct": jnp.sum((predicted == labels) & keep, dtype=jnp.int32),
+        "count": jnp.sum(keep, dtype=jnp.int32),
         "confusion": true_onehot.T @ pred_onehot,
     }
 

@@ -49,7 +49,17 @@ class TrainState(train_state.TrainState):
 
 def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int, ...],
                        tx: optax.GradientTransformation) -> TrainState:
-    """Fresh state: parameters from `config.seed`, `image_shape` = (H, W, C) of one example."""
+    """A fresh TrainState for `model`.
+
+    Args:
+      config: its `seed` draws the initial parameters and the state's RNG key.
+      model: a Flax module called as model(x, train=...) on float32 (B, H, W, C) -> (B, classes) logits.
+      image_shape: (H, W, C) of one example.
+      tx: the optax transformation.
+    Returns:
+      TrainState with step and epoch int32 scalars at 0, rng a uint32 (2,) key, model_state the module's
+      non-parameter collections.
+    """
     init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
     params = variables.pop("params")
@@ -101,6 +111,14 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
     return state, batch_metrics
 
 
+def epoch_order(rng: jax.Array, epoch: jax.Array | int, n: int, batch_size: int) -> jax.Array:
+    """The example indices of each step of `epoch`: (n // batch_size, batch_size) int32, a fresh shuffle per
+    epoch drawn from (rng, epoch) alone, so a resumed run sees the same order."""
+    key = jax.random.fold_in(jax.random.fold_in(rng, SHUFFLE_STREAM), epoch)
+    steps = n // batch_size
+    return jax.random.permutation(key, n)[:steps * batch_size].reshape(steps, batch_size)
+
+
 @functools.partial(jax.jit, static_argnames="batch_size", donate_argnums=0)
 def train_epoch(state: TrainState, train_data: Batch, batch_size: int) -> tuple[TrainState, metrics.Metrics]:
     """One shuffled pass over `train_data` as one compiled program; the incomplete last batch is skipped.
@@ -112,10 +130,7 @@ def train_epoch(state: TrainState, train_data: Batch, batch_size: int) -> tuple[
     Returns:
       (state after the epoch, metric sums over the epoch).
     """
-    n = train_data["label"].shape[0]
-    steps = n // batch_size
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, SHUFFLE_STREAM), state.epoch)
-    order = jax.random.permutation(key, n)[:steps * batch_size].reshape(steps, batch_size)
+    order = epoch_order(state.rng, state.epoch, train_data["label"].shape[0], batch_size)
 
     def body(state: TrainState, indices: jax.Array) -> tuple[TrainState, metrics.Metrics]:
         return train_step(state, jax.tree.map(lambda a: a[indices], train_data))
@@ -156,6 +171,8 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
       variables: {'params': ..., other collections}; `TrainState.variables` gives it.
       eval_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, NumPy or device arrays.
       batch_size: examples per compiled step.
+    Returns:
+      EvalResult: accuracy (fraction of all N), mean loss, count N, (C, C) int confusion, per-class accuracy.
     """
     n = len(eval_data["label"])
     sums = None
@@ -214,6 +231,9 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
       datasets: {'train', 'validation', 'test'} splits as from `data.load`; default `data.load(config)`.
     Returns:
       The final TrainState.
+    Raises:
+      ValueError (bad config or data), FileExistsError (a run is in `workdir` and resume is False),
+      RunInUseError (another process writes `workdir`), NonFiniteError (NaN/Inf in loss or parameters).
     """
     config = config.validated()
     log = progress.Progress(config.epochs)

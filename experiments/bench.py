@@ -77,9 +77,7 @@ def _test_accuracy(state: train.TrainState, test: dict[str, jax.Array]) -> float
 def _per_step_epoch(state: train.TrainState, split: dict[str, np.ndarray], batch_size: int,
                     test: dict[str, jax.Array]) -> dict[str, float]:
     """One epoch of `train_step` calls fed from NumPy, in the compiled epoch's data order."""
-    n = len(split["label"])
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, train.SHUFFLE_STREAM), 0)
-    order = np.asarray(jax.random.permutation(key, n))[: n // batch_size * batch_size].reshape(-1, batch_size)
+    order = np.asarray(train.epoch_order(state.rng, 0, len(split["label"]), batch_size))
     state, _ = train.train_step(state, {k: v[order[0]] for k, v in split.items()})  # compile
     start = time.perf_counter()
     for indices in order[1:]:

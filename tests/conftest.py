@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import jax
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -12,6 +13,9 @@ SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
 
 if SHARED_MNIST.is_dir():
     os.environ.setdefault("DIGITS_JAX_DATA_DIR", str(SHARED_MNIST))
+
+# Tests compare float32 results with references at 1e-5; GPUs would otherwise use TF32 matmuls.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

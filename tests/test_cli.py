@@ -53,12 +53,17 @@ def test_training_into_a_finished_run_is_refused_with_a_hint(cli_run, mnist_dir)
     workdir, _ = cli_run
     result = digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
                         check=False)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "already holds a run" in result.stderr and "--resume" in result.stderr
     assert "Traceback" not in result.stderr
 
 
+def test_bad_step_is_a_usage_error():
+    result = digits_jax("eval", "--checkpoint", "x", "--step", "newest", check=False)
+    assert result.returncode == 2 and "'newest' is not an epoch number, 'best' or 'latest'" in result.stderr
+
+
 def test_bad_override_is_a_one_line_error():
     result = digits_jax("train", "--set", "batch_size=0", check=False)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert result.stderr.strip() == "digits-jax train: error: config.batch_size = 0: must be an integer >= 1"

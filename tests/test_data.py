@@ -231,10 +231,18 @@ def test_validation_size_too_large(tmp_path: Path) -> None:
         load(custom_config(tmp_path, validation_size=N_TRAIN))
 
 
-def test_data_dir_from_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_data_dir_from_environment_is_for_mnist_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     make_idx_dir(tmp_path)
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path))
-    assert len(load(custom_config(tmp_path, data_dir=None))["validation"]["label"]) == 5
+    # For "mnist" the variable is used: these small files then fail the MNIST pins, naming the directory.
+    with pytest.raises(DataError, match=f"{tmp_path}.*checksum mismatch"):
+        load(custom_config(tmp_path, dataset="mnist", data_dir=None))
+    # Another dataset never picks up MNIST's directory: it goes to tensorflow-datasets.
+    asked = []
+    splits = make_idx_dir(tmp_path)
+    monkeypatch.setattr(data, "load_tfds", lambda name: asked.append(name) or splits)
+    load(custom_config(tmp_path, dataset="fashion_mnist", data_dir=None))
+    assert asked == ["fashion_mnist"]
     # config.data_dir wins over the environment.
     monkeypatch.setenv(DATA_DIR_ENV, str(tmp_path / "nowhere"))
     assert len(load(custom_config(tmp_path))["validation"]["label"]) == 5

@@ -48,9 +48,8 @@ def test_epoch_equals_per_step_loop_in_the_same_order(tiny_config, tiny_data):
     config = tiny_config
     data = tiny_data["train"]
     state = fresh_state(config, tiny_data)
-    n, b = len(data["label"]), config.batch_size
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, train.SHUFFLE_STREAM), 0)
-    order = np.asarray(jax.random.permutation(key, n))[: (n // b) * b].reshape(-1, b)
+    b = config.batch_size
+    order = np.asarray(train.epoch_order(state.rng, 0, len(data["label"]), b))
     looped = state
     total = 0.0
     for indices in order:
@@ -64,11 +63,15 @@ def test_epoch_equals_per_step_loop_in_the_same_order(tiny_config, tiny_data):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-6)
 
 
-def test_epochs_shuffle_differently(tiny_config, tiny_data):
-    state = fresh_state(tiny_config, tiny_data)
-    keys = [jax.random.fold_in(jax.random.fold_in(state.rng, train.SHUFFLE_STREAM), e) for e in (0, 1)]
-    orders = [np.asarray(jax.random.permutation(k, 100)) for k in keys]
+@pytest.mark.parametrize("n,batch_size", [(100, 10), (103, 10), (64, 64)])
+def test_epoch_order_covers_distinct_examples_and_reshuffles(n, batch_size):
+    rng = jax.random.PRNGKey(0)
+    orders = [np.asarray(train.epoch_order(rng, epoch, n, batch_size)) for epoch in (0, 1)]
+    for order in orders:
+        assert order.shape == (n // batch_size, batch_size) and order.dtype == np.int32
+        assert len(set(order.ravel())) == order.size and order.min() >= 0 and order.max() < n
     assert not np.array_equal(*orders)
+    np.testing.assert_array_equal(orders[0], train.epoch_order(rng, 0, n, batch_size))
 
 
 def test_train_and_evaluate_writes_records_and_checkpoints(tmp_path, tiny_config, tiny_data):
