@@ -3,7 +3,7 @@ still end bitwise equal to an uninterrupted one.
 
     make chaos                     # = .venv/bin/python experiments/chaos.py [--kills 20] [--seed 0]
 
-1. Trains a short run (the `tiny` preset with 2,048 images, 6 epochs) once without interruption.
+1. Trains a short run (the `tiny` preset with 2,048 images, --epochs 6) once without interruption.
 2. For each kill: starts the same run in a fresh directory, SIGKILLs it at a random moment (every third
    kill waits for an Orbax save to be in flight and kills during it), then `--resume`s until it
    finishes, and compares the SHA-256 of the final train state with the uninterrupted run's.
@@ -28,19 +28,20 @@ from pathlib import Path
 
 from digits_jax import checkpoint
 
-RUN = ["--config", "tiny", "--set", "train_limit=2048", "--set", "batch_size=128", "--set", "epochs=6"]
+RUN = ["--config", "tiny", "--set", "train_limit=2048", "--set", "batch_size=128"]
 
 
-def train(workdir: Path, resume: bool = False) -> subprocess.Popen:
-    command = [sys.executable, "-m", "digits_jax", "train", "--workdir", str(workdir), *RUN]
+def train(workdir: Path, epochs: int, resume: bool = False) -> subprocess.Popen:
+    command = [sys.executable, "-m", "digits_jax", "train", "--workdir", str(workdir), *RUN,
+               "--set", f"epochs={epochs}"]
     return subprocess.Popen(command + (["--resume"] if resume else []), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
 
 
-def finish(workdir: Path) -> str:
+def finish(workdir: Path, epochs: int) -> str:
     """Resumes until the run completes; returns the final state's SHA-256."""
     for _ in range(3):
-        process = train(workdir, resume=True)
+        process = train(workdir, epochs, resume=True)
         _, stderr = process.communicate()
         if process.returncode == 0:
             return checkpoint.restore(workdir, step="latest").record["state_sha256"]
@@ -48,16 +49,16 @@ def finish(workdir: Path) -> str:
     raise RuntimeError(f"{workdir} did not finish after 3 resumes")
 
 
-def kill_at_random(workdir: Path, seconds: float) -> str:
-    process = train(workdir)
+def kill_at_random(workdir: Path, epochs: int, seconds: float) -> str:
+    process = train(workdir, epochs)
     time.sleep(seconds)
     process.kill()
     process.wait()
     return f"killed at {seconds:.2f} s"
 
 
-def kill_during_save(workdir: Path, _: float) -> str:
-    process = train(workdir)
+def kill_during_save(workdir: Path, epochs: int, _: float) -> str:
+    process = train(workdir, epochs)
     start = time.perf_counter()
     while process.poll() is None:
         saving = list((workdir / "checkpoints").glob("*tmp*")) if (workdir / "checkpoints").exists() else []
@@ -115,20 +116,21 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--damage", nargs="*", default=list(DAMAGE), choices=list(DAMAGE))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=int, default=6, help="epochs of the short run")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="digits-jax-chaos-"))
     start = time.perf_counter()
-    reference = finish(root / "reference")  # no checkpoint yet: --resume starts it fresh
+    reference = finish(root / "reference", args.epochs)  # no checkpoint yet: --resume starts it fresh
     duration = time.perf_counter() - start
     print(f"uninterrupted run: {duration:.1f} s, final state sha256 {reference[:16]}", flush=True)
 
     equal = 0
     for k in range(args.kills):
         workdir = root / f"kill-{k}"
-        inject = kill_during_save if k % 3 == 2 else kill_at_random
-        what = inject(workdir, rng.uniform(0.5, duration))
-        same = finish(workdir) == reference
+        inject = kill_during_save if k % 3 == 1 else kill_at_random
+        what = inject(workdir, args.epochs, rng.uniform(0.5, duration))
+        same = finish(workdir, args.epochs) == reference
         equal += same
         print(f"kill {k + 1}/{args.kills}: {what}; resumed: {'bitwise equal' if same else 'DIFFERENT'}", flush=True)
 
@@ -136,7 +138,7 @@ def main() -> None:
     for kind in args.damage:
         workdir = root / f"damage-{kind.replace(' ', '-')}"
         ok, what = damage_and_recover(root / "reference", kind, workdir)
-        same = ok and finish(workdir) == reference
+        same = ok and finish(workdir, args.epochs) == reference
         recovered += same
         print(f"damage '{kind}': {what}; resumed: {'bitwise equal' if same else 'FAILED'}", flush=True)
 
