@@ -5,7 +5,7 @@ still end bitwise equal to an uninterrupted one.
 
 1. Trains a short run (the `tiny` preset with 2,048 images, --epochs 6) once without interruption.
 2. For each kill: starts the same run in a fresh directory, SIGKILLs it at a random moment (every third
-   kill waits for an Orbax save to be in flight and kills during it), then `--resume`s until it
+   kill waits for the save of a random epoch to be in flight and kills during it), then `--resume`s until it
    finishes, and compares the SHA-256 of the final train state with the uninterrupted run's.
 3. For each kind of damage (leftover temporary directory, truncated array file, flipped bytes, garbled
    record, missing state): damages the newest checkpoint of a finished copy, checks that `eval` warns
@@ -49,25 +49,31 @@ def finish(workdir: Path, epochs: int) -> str:
     raise RuntimeError(f"{workdir} did not finish after 3 resumes")
 
 
-def kill_at_random(workdir: Path, epochs: int, seconds: float) -> str:
+def _saved_epochs(workdir: Path) -> list[int]:
+    directory = workdir / "checkpoints"
+    return sorted(int(p.name) for p in directory.iterdir() if p.name.isdigit()) if directory.exists() else []
+
+
+def kill_at_random(workdir: Path, epochs: int, seconds: float, _: random.Random) -> str:
     process = train(workdir, epochs)
     time.sleep(seconds)
     process.kill()
     process.wait()
-    return f"killed at {seconds:.2f} s"
+    return f"killed at {seconds:.2f} s, with checkpoints {_saved_epochs(workdir)}"
 
 
-def kill_during_save(workdir: Path, epochs: int, _: float) -> str:
+def kill_during_save(workdir: Path, epochs: int, _: float, rng: random.Random) -> str:
     process = train(workdir, epochs)
+    target = rng.randint(1, epochs)
     start = time.perf_counter()
     while process.poll() is None:
-        saving = list((workdir / "checkpoints").glob("*tmp*")) if (workdir / "checkpoints").exists() else []
+        saving = list((workdir / "checkpoints").glob(f"{target}.*tmp*")) if (workdir / "checkpoints").exists() else []
         if saving:
             process.kill()
             process.wait()
-            return f"killed during a save ({saving[0].name}) at {time.perf_counter() - start:.2f} s"
-        time.sleep(0.002)
-    return "the run finished before a save was caught"
+            return f"killed during the save of epoch {target} ({saving[0].name}) at {time.perf_counter() - start:.2f} s"
+        time.sleep(0.001)
+    return f"the run finished before the save of epoch {target} was caught"
 
 
 def _largest_file(directory: Path) -> Path:
@@ -129,7 +135,7 @@ def main() -> None:
     for k in range(args.kills):
         workdir = root / f"kill-{k}"
         inject = kill_during_save if k % 3 == 1 else kill_at_random
-        what = inject(workdir, args.epochs, rng.uniform(0.5, duration))
+        what = inject(workdir, args.epochs, rng.uniform(0.5, duration), rng)
         same = finish(workdir, args.epochs) == reference
         equal += same
         print(f"kill {k + 1}/{args.kills}: {what}; resumed: {'bitwise equal' if same else 'DIFFERENT'}", flush=True)
