@@ -14,4 +14,4 @@ def test_killed_and_damaged_runs_resume_bitwise_equal(mnist_dir):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=500)
     assert result.returncode == 0, f"{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "injected 2 kills: 2/2 runs ended bitwise equal; 2 kinds of damage: 2/2 recovered" in result.stdout
-    assert "killed during a save" in result.stdout
+    assert "killed during the save of epoch" in result.stdout
