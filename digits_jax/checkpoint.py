@@ -106,8 +106,11 @@ class RunDir:
         self.manager = _manager(self.path / CHECKPOINTS, keep)
         self.records: list[dict[str, Any]] = []
 
-    def restore_or_start(self, state: Any, resume: bool) -> Any:
-        """Returns `state` restored from the newest checkpoint when resuming, else `state` unchanged."""
+    def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None) -> Any:
+        """Returns `state` restored from the newest intact checkpoint when resuming, else `state` unchanged.
+
+        `data_sha256` (see `data.fingerprint`), when given, must match the one the checkpoint was trained on.
+        """
         latest = self.manager.latest_step()
         if latest is None:
             _write_atomic(self.path / "config.json", self.config.to_json())
@@ -124,6 +127,11 @@ class RunDir:
         abstract = _on_this_device(state)
         steps = sorted(self.manager.all_steps(), reverse=True)
         epoch, state, meta = _restore_intact(self.manager, steps, lambda _: abstract, self.path / CHECKPOINTS)
+        trained_on = meta.record.get("data_sha256")
+        if data_sha256 is not None and trained_on is not None and trained_on != data_sha256:
+            raise ValueError(f"cannot resume {self.path}: the data differ from what it was trained on (SHA-256 "
+                             f"{data_sha256[:12]}... now, {trained_on[:12]}... then); give the same --data-dir or "
+                             "$DIGITS_JAX_DATA_DIR as the run had, or start a new --workdir")
         for damaged in steps[:steps.index(epoch)]:  # set aside, so that its epoch can be saved again
             aside = self.path / f"damaged-checkpoint-{damaged}-{time.time():.0f}"
             shutil.move(self.path / CHECKPOINTS / str(damaged), aside)

@@ -348,3 +348,13 @@ def load(config: Config) -> Splits:
     if config.train_limit is not None:
         train = {key: array[:config.train_limit] for key, array in train.items()}
     return {"train": train, "validation": validation, "test": splits["test"]}
+
+
+def fingerprint(splits: Splits) -> str:
+    """SHA-256 over every split's images and labels: which exact data a run saw, in which order."""
+    digest = hashlib.sha256()
+    for name in sorted(splits):
+        for key in sorted(splits[name]):
+            digest.update(f"{name}/{key}{splits[name][key].shape}".encode())
+            digest.update(np.ascontiguousarray(splits[name][key]).tobytes())
+    return digest.hexdigest()

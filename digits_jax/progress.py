@@ -41,7 +41,8 @@ class Progress:
 
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.tty:
-            self._print("epoch " + " ".join(f"{k}={_fmt(v)}" for k, v in record.items() if k != "image_shape"))
+            shown = {k: v for k, v in record.items() if k not in ("image_shape", "data_sha256")}
+            self._print("epoch " + " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
             return
         parts = [f"epoch {record['epoch']:>3}/{self.epochs}", f"loss {record['train_loss']:.4f}",
                  f"acc {100 * record['train_accuracy']:.2f}%"]

@@ -249,7 +249,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     state = create_train_state(config, model, train["image"].shape[1:], tx)
 
     with checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints) as run:
-        state = run.restore_or_start(state, resume=resume)
+        data_sha256 = data.fingerprint(datasets)
+        state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256)
         log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]))
         device_data = jax.device_put(datasets)
         compile_start = time.perf_counter()
@@ -262,6 +263,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             sums = jax.device_get(sums)
             _check_finite(state, sums, run.path)
             record = _train_record(state, sums, time.perf_counter() - epoch_start, train["image"].shape[1:])
+            record["data_sha256"] = data_sha256
             for split in ("validation", "test"):
                 if len(datasets[split]["label"]):
                     result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size)

@@ -531,3 +531,16 @@ def test_real_mnist() -> None:
     std = np.sqrt(counts @ (values - mean) ** 2 / counts.sum())
     assert abs(mean - 33.318421449829934) < 1e-9
     assert abs(std - 78.56748998339798) < 1e-6
+
+
+def test_fingerprint_changes_with_any_pixel_label_or_order(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    splits = load(custom_config(tmp_path))
+    base = data.fingerprint(splits)
+    assert base == data.fingerprint({k: {kk: vv.copy() for kk, vv in v.items()} for k, v in splits.items()})
+    changed_pixel = {k: dict(v) for k, v in splits.items()}
+    changed_pixel["test"]["image"] = splits["test"]["image"].copy()
+    changed_pixel["test"]["image"][0, 0, 0, 0] ^= 1
+    reordered = {k: dict(v) for k, v in splits.items()}
+    reordered["train"]["label"] = splits["train"]["label"][::-1].copy()
+    assert len({base, data.fingerprint(changed_pixel), data.fingerprint(reordered)}) == 3

@@ -151,3 +151,12 @@ def test_an_unwritable_run_directory_is_named(tmp_path, tiny_config):
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match=f"cannot write to run directory {blocker}/run"):
         checkpoint.RunDir(blocker / "run", tiny_config, keep=1)
+
+
+def test_resume_on_different_data_is_refused(tmp_path, tiny_config, tiny_data):
+    train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, datasets=tiny_data)
+    other = {split: dict(arrays) for split, arrays in tiny_data.items()}
+    other["train"]["label"] = np.roll(other["train"]["label"], 1)
+    with pytest.raises(ValueError, match=r"the data differ from what it was trained on"):
+        train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=other)
+    train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=tiny_data)
