@@ -269,6 +269,12 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
             return step, state, meta
         except Exception as error:  # noqa: BLE001 -- whatever broke the read, this checkpoint is not usable
             reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+            if "tree structures do not match" in reason:
+                # Not damage: the state was built differently; older checkpoints would fail the same way.
+                raise ValueError(f"{directory / str(step)} holds a train state of another structure than the one "
+                                 "built to restore it: pass the model= and tx= it was trained with (or the same "
+                                 "config: e.g. ema_decay changes the state), or it was saved by an older "
+                                 "digits_jax") from error
             warnings.warn(f"skipping damaged checkpoint {directory / str(step)}: {reason}",
                           CheckpointSkippedWarning, stacklevel=3)
     raise FileNotFoundError(f"no intact checkpoint in {directory} (tried epochs {list(steps)}); if they are intact, "

@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "onecycle")
+SCHEDULES = ("constant", "cosine", "onecycle", "exponential")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,9 +28,13 @@ class Config:
     optimizer: str = "adam"  # one of OPTIMIZERS
     learning_rate: float = 1e-3  # peak learning rate, per batch of `batch_size` examples
     schedule: str = "onecycle"  # one of SCHEDULES; stepped once per batch
+    warmup_epochs: float = 0.0  # "cosine" and "exponential": linear warm-up from 0 over this many epochs
+    decay_rate: float = 0.1  # "exponential": learning-rate factor reached at the last step
     weight_decay: float = 0.0  # decoupled (AdamW) or L2-on-gradient (SGD)
     b1: float = 0.9  # Adam's first-moment decay (SGD: momentum)
     b2: float = 0.999  # Adam's second-moment decay
+    label_smoothing: float = 0.0  # mass moved from the true class to all classes uniformly
+    ema_decay: float = 0.0  # > 0: evaluate (and checkpoint) an exponential moving average of the parameters
     batch_size: int = 128  # examples per step
     epochs: int = 6  # passes over the training split
     seed: int = 0  # initial parameters, data order, dropout
@@ -53,6 +57,14 @@ class Config:
             raise ValueError(f"config.train_limit = {self.train_limit!r}: must be None or an integer >= 1")
         if not self.learning_rate > 0:
             raise ValueError(f"config.learning_rate = {self.learning_rate!r}: must be > 0")
+        for field in ("label_smoothing", "ema_decay"):
+            if not 0 <= getattr(self, field) < 1:
+                raise ValueError(f"config.{field} = {getattr(self, field)!r}: must be in [0, 1)")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"config.warmup_epochs = {self.warmup_epochs!r}: must be >= 0 and below epochs "
+                             f"({self.epochs})")
+        if not 0 < self.decay_rate <= 1:
+            raise ValueError(f"config.decay_rate = {self.decay_rate!r}: must be in (0, 1]")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"config.b1 = {self.b1!r}, config.b2 = {self.b2!r}: both must be in [0, 1)")
         if self.weight_decay < 0:

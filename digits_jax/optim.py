@@ -13,12 +13,16 @@ def schedule(config: Config, steps_per_epoch: int) -> optax.ScalarOrSchedule:
     "constant" is a plain float, so the seed recipe is exactly `optax.adam(1e-4)`.
     """
     total = config.epochs * steps_per_epoch
+    warmup = round(config.warmup_epochs * steps_per_epoch)
     if config.schedule == "constant":
         return config.learning_rate
     if config.schedule == "cosine":
-        return optax.cosine_decay_schedule(config.learning_rate, decay_steps=total)
+        return optax.warmup_cosine_decay_schedule(0.0, config.learning_rate, warmup, total)
     if config.schedule == "onecycle":
         return optax.cosine_onecycle_schedule(total, config.learning_rate)
+    if config.schedule == "exponential":
+        decay = optax.exponential_decay(config.learning_rate, max(total - warmup, 1), config.decay_rate)
+        return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, warmup), decay], [warmup])
     raise ValueError(f"config.schedule = {config.schedule!r} is not implemented")
 
 

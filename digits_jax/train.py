@@ -29,6 +29,14 @@ Batch = dict[str, jax.Array]  # {'image': (B, H, W, C) uint8, 'label': (B,) int3
 SHUFFLE_STREAM, STEP_STREAM = 0, 1
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainOptions:
+    """What `train_step` does beyond the plain loss: static, so each setting compiles its own step."""
+
+    label_smoothing: float = 0.0  # see Config.label_smoothing
+    ema_decay: float = 0.0  # see Config.ema_decay; 0 keeps no average
+
+
 class TrainState(train_state.TrainState):
     """Flax TrainState plus what exact resume needs; the whole pytree is what gets checkpointed.
 
@@ -36,15 +44,21 @@ class TrainState(train_state.TrainState):
       epoch: int32 scalar, completed epochs.
       rng: uint32 (2,) key; per-epoch and per-step keys are folded from it.
       model_state: non-parameter variable collections (e.g. batch statistics); empty for the seed CNN.
+      ema_params: the moving average of params when options.ema_decay > 0, else None.
+      options: TrainOptions (static, not checkpointed: it comes from the config).
     """
 
     epoch: jax.Array
     rng: jax.Array
     model_state: dict[str, Any] = struct.field(default_factory=dict)
+    ema_params: Any = None
+    options: TrainOptions = struct.field(pytree_node=False, default=TrainOptions())
 
     @property
     def variables(self) -> dict[str, Any]:
-        return {"params": self.params, **self.model_state}
+        """What evaluation applies: the moving average of the parameters when one is kept."""
+        params = self.params if self.ema_params is None else self.ema_params
+        return {"params": params, **self.model_state}
 
 
 def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int, ...],
@@ -63,8 +77,10 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
     init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
     params = variables.pop("params")
+    options = TrainOptions(label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
-                              rng=rng, model_state=variables)
+                              rng=rng, model_state=variables, options=options,
+                              ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
     return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other leaf of the state
 
 
@@ -96,15 +112,21 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
     """
     step_key = jax.random.fold_in(jax.random.fold_in(state.rng, STEP_STREAM), state.step)
 
+    options = state.options
+
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict[str, Any]]]:
         logits, model_state = _logits(state, params, batch["image"], train=True, key=step_key)
-        onehot = jax.nn.one_hot(batch["label"], logits.shape[-1])
-        losses = optax.softmax_cross_entropy(logits, onehot)
+        targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), options.label_smoothing)
+        losses = optax.softmax_cross_entropy(logits, targets)
         return losses.mean(), (losses, logits, model_state)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     (_, (losses, logits, model_state)), grads = grad_fn(state.params)
     state = state.apply_gradients(grads=grads, model_state=model_state)
+    if options.ema_decay:
+        # Early on the average would mostly remember the random init; (1 + t) / (10 + t) caps its memory.
+        decay = jnp.minimum(options.ema_decay, (1.0 + state.step) / (10.0 + state.step))
+        state = state.replace(ema_params=optax.incremental_update(state.params, state.ema_params, 1.0 - decay))
     batch_metrics = metrics.batch(losses, logits, batch["label"])
     del batch_metrics["confusion"]  # Training reports none; XLA then drops its computation.
     batch_metrics |= {"nonfinite": jnp.sum(~jnp.isfinite(losses.mean())), "steps": jnp.ones((), jnp.int32)}

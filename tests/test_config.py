@@ -17,6 +17,10 @@ from digits_jax import config
     ({"schedule": "step"}, r"config.schedule = 'step'"),
     ({"train_limit": 0}, r"config.train_limit = 0"),
     ({"weight_decay": -1.0}, r"config.weight_decay = -1.0"),
+    ({"label_smoothing": 1.0}, r"config.label_smoothing = 1.0: must be in \[0, 1\)"),
+    ({"ema_decay": -0.1}, r"config.ema_decay = -0.1"),
+    ({"warmup_epochs": 6.0}, r"config.warmup_epochs = 6.0: must be >= 0 and below epochs \(6\)"),
+    ({"decay_rate": 0.0}, r"config.decay_rate = 0.0"),
 ])
 def test_impossible_values_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -160,3 +161,41 @@ def test_resume_on_different_data_is_refused(tmp_path, tiny_config, tiny_data):
     with pytest.raises(ValueError, match=r"the data differ from what it was trained on"):
         train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=other)
     train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=tiny_data)
+
+
+class Linear(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(3, name="out")(x.reshape(x.shape[0], -1))
+
+
+def linear_state(tiny_config, **changes):
+    c = tiny_config.replace(num_classes=3, **changes)
+    return train.create_train_state(c, Linear(), (2, 2, 1), optax.sgd(0.5))
+
+
+def linear_batch():
+    rng = np.random.default_rng(0)
+    return {"image": rng.integers(0, 256, (6, 2, 2, 1)).astype(np.uint8), "label": np.array([0, 1, 2, 0, 1, 2])}
+
+
+def test_label_smoothing_loss_matches_numpy(tiny_config):
+    state = linear_state(tiny_config, label_smoothing=0.2)
+    batch = linear_batch()
+    logits = np.asarray(state.apply_fn(state.variables, train.preprocess(batch["image"])), np.float64)
+    targets = np.eye(3)[batch["label"]] * 0.8 + 0.2 / 3
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    _, sums = train.train_step(state, batch)
+    assert float(sums["loss"]) / 6 == pytest.approx(-(targets * log_probs).sum(1).mean(), rel=1e-5)
+
+
+def test_ema_update_rule_and_evaluation_uses_the_average(tiny_config):
+    state = linear_state(tiny_config, ema_decay=0.9)
+    before = np.asarray(state.params["out"]["kernel"])
+    state, _ = train.train_step(state, linear_batch())
+    decay = min(0.9, (1 + 1) / (10 + 1))  # capped early: step is 1 after the first update
+    expected = decay * before + (1 - decay) * np.asarray(state.params["out"]["kernel"])
+    np.testing.assert_allclose(state.ema_params["out"]["kernel"], expected, rtol=1e-6, atol=1e-7)
+    assert state.variables["params"] is state.ema_params
+    assert linear_state(tiny_config).ema_params is None
