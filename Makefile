@@ -15,7 +15,7 @@ FLAVOUR := $(if $(GPU),cuda12,cpu)
 JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: setup train seed eval runs bench bench-peers chaos test lint clean
+.PHONY: setup train seed eval serve report fonts runs bench bench-peers chaos test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,17 @@ seed: setup  ## the original Keras recipe (Adam 1e-4, 10 epochs)
 eval: setup  ## make eval CKPT=runs/default
 	@test -n "$(CKPT)" || (echo "usage: make eval CKPT=RUN_DIR_OR_CHECKPOINT" >&2; exit 2)
 	$(PY) -m digits_jax eval --checkpoint $(CKPT) $(ARGS)
+
+serve: setup  ## make serve CKPT=runs/default: a page at http://127.0.0.1:8000/ to draw digits on
+	@test -n "$(CKPT)" || (echo "usage: make serve CKPT=RUN_DIR_OR_CHECKPOINT" >&2; exit 2)
+	$(PY) -m digits_jax serve --checkpoint $(CKPT) $(ARGS)
+
+report: setup  ## make report RUN=runs/default: learning curves, confusion, mistakes and report.md in RUN/report
+	@test -n "$(RUN)" || (echo "usage: make report RUN=RUN_DIR" >&2; exit 2)
+	$(PY) -m digits_jax report $(RUN) $(ARGS)
+
+fonts: setup  ## typeset digits from 8 fonts through preprocess + predict (experiments/fonts.py); CKPT=runs/default
+	$(PY) experiments/fonts.py --checkpoint $(or $(CKPT),runs/default) $(ARGS)
 
 bench: setup  ## seed CNN throughput and the fast preset's time to 99% (experiments/bench.py)
 	$(PY) experiments/bench.py $(ARGS)

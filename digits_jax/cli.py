@@ -52,11 +52,45 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from digits_jax import predict
+
+    predictor = predict.Predictor.from_checkpoint(args.checkpoint, step=args.step)
+    results = predict.predict_files(predictor, args.files)
+    failed = [r for r in results if r.error is not None]
+    if args.json:
+        print(json.dumps([r.to_dict() for r in results]))
+    else:
+        width = max(len("file"), *(len(r.path) for r in results))
+        print(f"{'file':{width}}  digit  probability")
+        for r in results:
+            digit, probability = ("-", "-") if r.probability is None else (str(r.digit), f"{100 * r.probability:.1f}%")
+            print(f"{r.path:{width}}  {digit:>5}  {probability:>11}")
+    for r in failed:
+        print(f"digits-jax predict: error: {r.error}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from digits_jax import report
+
+    markdown = report.write_report(args.run_dir, args.out, data_dir=args.data_dir)
+    print(f"wrote {markdown} with {', '.join(str(markdown.parent / name) for name in report.FIGURES)}")
+    return 0
+
+
 def _runs(args: argparse.Namespace) -> int:
     from digits_jax import runs
 
     table = runs.table(args.workdirs)
     print(table.to_string() if len(table) else "no runs found")
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from digits_jax import predict, serve
+
+    serve.serve(predict.Predictor.from_checkpoint(args.checkpoint, step=args.step), args.host, args.port)
     return 0
 
 
@@ -95,9 +129,29 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(run=_eval)
 
+    pr = sub.add_parser("predict", help="read the digit in each image file (PNG, JPEG) with a checkpoint")
+    pr.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/N directory")
+    pr.add_argument("--step", default="best", type=_step, help="epoch to restore, 'best' (by validation) or 'latest'")
+    pr.add_argument("--json", action="store_true", help="print a JSON list, one object per file")
+    pr.add_argument("files", nargs="+", type=Path, metavar="FILE", help="image files, any size, colour or background")
+    pr.set_defaults(run=_predict)
+
+    rp = sub.add_parser("report", help="figures (learning curves, confusion, mistakes) and report.md for a run")
+    rp.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory that `train` wrote")
+    rp.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/report)")
+    rp.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
+    rp.set_defaults(run=_report)
+
     r = sub.add_parser("runs", help="print a table comparing run directories")
     r.add_argument("workdirs", nargs="+", type=Path)
     r.set_defaults(run=_runs)
+
+    s = sub.add_parser("serve", help="a local web page to draw a digit on and see the prediction as you draw")
+    s.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/N directory")
+    s.add_argument("--step", default="best", type=_step, help="epoch to restore, 'best' (by validation) or 'latest'")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    s.add_argument("--port", default=8000, type=int, help="port to listen on; 0 picks a free one")
+    s.set_defaults(run=_serve)
     return p
 
 

@@ -1,0 +1,242 @@
+"""Read digits from ordinary images: MNIST-style preprocessing and batched prediction from a checkpoint.
+
+MNIST's digits were size-normalised to fit a 20x20 box keeping their aspect ratio (antialiased), then
+placed in a 28x28 field so that their centre of mass sits at its centre, as bright ink on black.
+`preprocess` does the same to any photo or drawing, so the model sees what it was trained on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from digits_jax import checkpoint, train
+
+SIZE = 28  # MNIST's field
+BOX = 20  # MNIST's digits fit a BOX x BOX square inside it
+CENTRE = 14.0  # MNIST's mean centre of mass, in pixel indices (0..27), on both axes
+MIN_CONTRAST = 0.1  # ink must differ from the background by this fraction of full scale, or there is none
+NOISE_FLOOR = 0.2  # ink fainter than this fraction of the strongest stroke is background noise (paper, JPEG)
+LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's convert("L")
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decodes an image file (PNG, JPEG or anything Pillow reads), upright as its EXIF orientation says.
+
+    Returns:
+      (H, W) uint8 gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA; 16-bit gray as (H, W) float32 in [0, 1].
+    Raises:
+      ValueError naming the file when it is missing or cannot be decoded.
+    """
+    try:
+        with Image.open(path) as opened:
+            opened.load()  # decode now, so that a truncated file fails here
+            return to_array(opened)
+    except FileNotFoundError:
+        raise ValueError(f"{path}: no such file; check the path") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path}: is a directory; give the image files in it") from None
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image that Pillow can decode; give a PNG or JPEG file") from None
+    except (OSError, Image.DecompressionBombError) as error:
+        raise ValueError(f"{path}: cannot decode it ({error}); it may be damaged or cut short: save it again as "
+                         "PNG or JPEG") from None
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """A decoded Pillow image, turned upright as its EXIF orientation says, as an array for `preprocess`.
+
+    Returns:
+      (H, W) uint8 gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA; 16-bit gray as (H, W) float32 in [0, 1].
+    """
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("L", "RGB", "RGBA"):
+        return np.asarray(image)
+    if image.mode.startswith("I"):
+        return np.asarray(image, dtype=np.float32) / 65535.0
+    has_alpha = "A" in image.mode or "transparency" in image.info
+    return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+
+
+def preprocess(image: np.ndarray) -> np.ndarray:
+    """Turns one decoded image into an MNIST-like digit.
+
+    Args:
+      image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, uint8/uint16 or float in [0, 1] (or [0, 255]);
+        any size, ink and background colours; transparent pixels show the background.
+    Returns:
+      uint8 (28, 28, 1): bright ink on black, the ink's larger side scaled to 20 px, centre of mass at (14, 14).
+    Raises:
+      ValueError when the image has no ink (nothing stands out from the background) or an unusable shape.
+    """
+    ink = _ink(_gray(image))
+    rows, cols = np.nonzero(ink)
+    digit = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    digit = _scale(digit)
+    return _centre(digit)[..., None]
+
+
+def _as_float(image: np.ndarray) -> np.ndarray:
+    if image.dtype == np.bool_:
+        return image.astype(np.float64)
+    if np.issubdtype(image.dtype, np.integer):
+        return image.astype(np.float64) / np.iinfo(image.dtype).max
+    values = np.nan_to_num(image.astype(np.float64))
+    return values / 255.0 if values.max(initial=0.0) > 1.0 else values
+
+
+def _border(values: np.ndarray) -> np.ndarray:
+    """The outer ring of a (H, W, ...) array, about 2% of the shorter side wide: where the background shows."""
+    w = max(1, min(values.shape[:2]) // 50)
+    ring = np.ones(values.shape[:2], bool)
+    ring[w:-w, w:-w] = False
+    return values[ring]
+
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    """(H, W) float64 luminance in [0, 1], alpha composited over the background."""
+    image = np.asarray(image)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[..., 0]
+    if image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)) or min(image.shape[:2]) < 2:
+        raise ValueError(f"an image of shape {image.shape} is not (H, W), (H, W, 3) or (H, W, 4) with H, W >= 2")
+    values = _as_float(image)
+    if values.ndim == 2:
+        return values
+    gray = values[..., :3] @ LUMA
+    if values.shape[2] == 3:
+        return gray
+    alpha = values[..., 3]
+    border_alpha = _border(alpha)
+    if np.median(border_alpha) >= 0.5:
+        # An opaque background with transparent holes: the holes show that background.
+        backdrop = float(np.median(_border(gray)[border_alpha >= 0.5]))
+    else:
+        # Ink on a transparent sheet (many drawing apps): show it on the colour that contrasts with it.
+        ink_level = float((gray * alpha).sum() / max(alpha.sum(), 1e-12))
+        backdrop = 1.0 if ink_level < 0.5 else 0.0
+    return alpha * gray + (1.0 - alpha) * backdrop
+
+
+def _ink(gray: np.ndarray) -> np.ndarray:
+    """(H, W) float64 ink in [0, 1] (1 = the strongest stroke, 0 = background) from a gray image."""
+    background = float(np.median(_border(gray)))
+    darker, lighter = background - gray.min(), gray.max() - background
+    # Light backgrounds (paper) carry dark ink; testing which side stands out also handles mid-gray ones.
+    ink = background - gray if darker > lighter else gray - background
+    contrast = max(darker, lighter)
+    if contrast < MIN_CONTRAST:
+        raise ValueError(f"the image has no ink: nothing differs from its background (gray level {background:.2f}) "
+                         f"by {MIN_CONTRAST:.0%} or more; give an image with a visible digit")
+    return np.clip((ink / contrast - NOISE_FLOOR) / (1.0 - NOISE_FLOOR), 0.0, 1.0)
+
+
+def _scale(digit: np.ndarray) -> np.ndarray:
+    """The cropped digit resized (Lanczos, antialiased) so its larger side is BOX px, strongest stroke at 1."""
+    h, w = digit.shape
+    factor = BOX / max(h, w)
+    size = (max(1, round(w * factor)), max(1, round(h * factor)))
+    resized = np.asarray(Image.fromarray(digit.astype(np.float32)).resize(size, Image.Resampling.LANCZOS))
+    resized = np.clip(resized, 0.0, None)  # Lanczos rings below zero next to strokes
+    return resized / resized.max()
+
+
+def _centre(digit: np.ndarray) -> np.ndarray:
+    """uint8 (28, 28): `digit` pasted so its centre of mass lands on the nearest pixel to (CENTRE, CENTRE)."""
+    h, w = digit.shape
+    mass = digit.sum()
+    com_y = (digit.sum(axis=1) @ np.arange(h)) / mass
+    com_x = (digit.sum(axis=0) @ np.arange(w)) / mass
+    top, left = round(CENTRE - com_y), round(CENTRE - com_x)
+    # Paste into a margin wide enough for any shift, then cut the field out: ink pushed past its edge is lost.
+    canvas = np.zeros((SIZE + 2 * BOX, SIZE + 2 * BOX))
+    canvas[BOX + top:BOX + top + h, BOX + left:BOX + left + w] = digit
+    field = canvas[BOX:BOX + SIZE, BOX:BOX + SIZE]
+    return np.round(255.0 * field).astype(np.uint8)
+
+
+@functools.partial(jax.jit, static_argnames="apply_fn")
+def _probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array) -> jax.Array:
+    return jax.nn.softmax(apply_fn(variables, train.preprocess(images), train=False), axis=-1)
+
+
+class Predictor:
+    """A trained model that maps batches of MNIST-like images to class probabilities."""
+
+    def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any, image_shape: Sequence[int] = (28, 28, 1),
+                 source: str = "model") -> None:
+        """`apply_fn(variables, float32 (B, *image_shape), train=False)` gives (B, C) logits; `source` names it."""
+        self.apply_fn = apply_fn
+        self.variables = variables
+        self.image_shape = tuple(image_shape)
+        self.source = source
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, step: int | str = "best") -> Predictor:
+        """Restores a run directory or checkpoint (see `checkpoint.restore`); by default its best epoch."""
+        restored = checkpoint.restore(path, step=step)
+        return cls(restored.state.apply_fn, restored.state.variables, restored.record["image_shape"],
+                   source=f"{path} (epoch {restored.epoch})")
+
+    def predict(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (B, 28, 28, 1) images (as `preprocess` makes them) -> float32 (B, C) probabilities.
+
+        The batch goes through one compiled call; it is padded to a power of two so that a server seeing
+        every batch size compiles only a handful of programs.
+        """
+        images = np.asarray(images)
+        if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
+            raise ValueError(f"predict() takes uint8 (B, {', '.join(map(str, self.image_shape))}) images, got "
+                             f"{images.dtype} {images.shape}; pass them through preprocess() first")
+        n = len(images)
+        padded = np.zeros((1 << max(n - 1, 0).bit_length(), *self.image_shape), np.uint8)
+        padded[:n] = images
+        return np.asarray(_probabilities(self.apply_fn, self.variables, padded))[:n]
+
+
+@dataclasses.dataclass(frozen=True)
+class FilePrediction:
+    """What one file holds: the digit, its probability and all class probabilities, or why there is none."""
+
+    path: str
+    digit: int | None = None
+    probability: float | None = None
+    probabilities: list[float] | None = None
+    error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def predict_files(predictor: Predictor, paths: Sequence[str | Path]) -> list[FilePrediction]:
+    """Reads, preprocesses and predicts each file; all readable ones go through one `predict` call.
+
+    Returns:
+      one FilePrediction per path, in order; a file that cannot be read or holds no digit gets `error` and
+      does not stop the others.
+    """
+    images: list[np.ndarray] = []
+    errors: dict[int, str] = {}
+    for i, path in enumerate(paths):
+        try:
+            images.append(preprocess(load_image(path)))
+        except ValueError as error:
+            message = str(error)
+            errors[i] = message if message.startswith(str(path)) else f"{path}: {message}"
+    probabilities = iter(predictor.predict(np.stack(images)) if images else [])
+    results = []
+    for i, path in enumerate(paths):
+        if i in errors:
+            results.append(FilePrediction(str(path), error=errors[i]))
+            continue
+        p = next(probabilities)
+        digit = int(p.argmax())
+        results.append(FilePrediction(str(path), digit, float(p[digit]), [float(v) for v in p]))
+    return results

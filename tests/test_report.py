@@ -1,0 +1,49 @@
+"""`digits-jax report` writes its figures and a Markdown page that links them, for a tiny run."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from digits_jax import checkpoint, cli, report, train
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tiny_config, tiny_data):
+    workdir = tmp_path_factory.mktemp("report") / "tiny"
+    train.train_and_evaluate(tiny_config, workdir, datasets=tiny_data)
+    return workdir
+
+
+def test_report_writes_its_figures_into_the_run_directory_and_links_them(tiny_run, capsys):
+    assert cli.main(["report", str(tiny_run)]) == 0
+    out = tiny_run / "report"
+    assert f"wrote {out / 'report.md'}" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["confusion.png", "curves.png", "mistakes.png", "report.md"]
+    text = (out / "report.md").read_text()
+    for name in ("curves.png", "confusion.png", "mistakes.png"):
+        with Image.open(out / name) as image:
+            assert image.format == "PNG" and min(image.size) > 300, name
+            assert np.asarray(image.convert("L")).std() > 10, f"{name} is blank"
+        assert f"]({name})" in text
+    best = checkpoint.best_record(checkpoint.read_records(tiny_run))
+    assert f"epoch {best['epoch']}" in text
+    assert f"**{100 * best['test_accuracy']:.2f}%**" in text  # re-evaluated: the accuracy recorded at save time
+    assert re.search(r"\(10,000 images, \d+ wrong\)", text)
+
+
+def test_mistakes_are_the_most_confident_wrong_predictions():
+    images = np.zeros((4, 28, 28, 1), np.uint8)
+    labels = np.array([0, 1, 2, 3])
+    probabilities = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.99, 0.01]])
+    figure, wrong = report.plot_mistakes(images, labels, np.pad(probabilities, ((0, 0), (0, 2))), limit=2)
+    assert wrong == 3  # rows 1, 2, 3 (row 0 is right)
+    assert [ax.get_title() for ax in figure.axes] == ["true 3, said 0\n99.0% sure", "true 1, said 0\n80.0% sure"]
+
+
+def test_report_of_a_directory_without_a_run_says_so(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path)]) == 1
+    assert f"{tmp_path / 'metrics.jsonl'}: no epoch records" in capsys.readouterr().err
