@@ -26,7 +26,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import flax.linen as nn
 import jax
@@ -35,8 +35,8 @@ import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
-from digits_jax import models, optim
-from digits_jax.config import Config
+from digits_jax import models, optim, parallel
+from digits_jax.config import PLACEMENT_FIELDS, Config
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -55,7 +55,7 @@ class CheckpointSkippedWarning(UserWarning):
 def state_digest(state: Any) -> str:
     """SHA-256 of every leaf's bytes in tree order: what a restore must give back bit for bit."""
     digest = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(state)):
+    for leaf in jax.tree.leaves(parallel.to_host(state)):
         digest.update(np.ascontiguousarray(leaf).tobytes())
     return digest.hexdigest()
 
@@ -81,50 +81,46 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class RunDir:
-    """Owns one run directory: saves after each epoch, restores for `--resume`."""
+    """Owns one run directory: saves after each epoch, restores for `--resume`.
+
+    In a multi-process job every process must create it (Orbax saves collectively); only process 0 takes
+    the lock and writes config.json and metrics.jsonl, so the directory must be on a shared filesystem.
+    """
 
     def __init__(self, workdir: str | Path, config: Config, keep: int) -> None:
         self.path = Path(workdir).absolute()  # Orbax requires absolute paths.
         self.config = config
+        self.primary = jax.process_index() == 0
+        self.records: list[dict[str, Any]] = []
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            self._lock = open(self.path / LOCK, "a+")  # noqa: SIM115 -- held until close() or process exit
+            self._lock = _take_lock(self.path) if self.primary else None
         except OSError as e:
             raise OSError(f"cannot write to run directory {self.path}: {e.strerror}; choose another --workdir") from e
-        try:
-            # flock, not a pid file: the kernel drops it when the holder dies, so a crash never leaves it stuck.
-            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock.seek(0)
-            holder = self._lock.read().strip() or "another process"
-            self._lock.close()
-            raise RunInUseError(f"{self.path} is in use by {holder}; wait for it to finish or choose another "
-                                "--workdir") from None
-        self._lock.truncate(0)
-        self._lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
-        self._lock.flush()
         self.manager = _manager(self.path / CHECKPOINTS, keep)
-        self.records: list[dict[str, Any]] = []
 
     def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None) -> Any:
         """Returns `state` restored from the newest intact checkpoint when resuming, else `state` unchanged.
 
-        `data_sha256` (see `data.fingerprint`), when given, must match the one the checkpoint was trained on.
+        The restored arrays get the shardings of `state`'s. `data_sha256` (see `data.fingerprint`), when
+        given, must match the one the checkpoint was trained on.
         """
         latest = self.manager.latest_step()
         if latest is None:
-            _write_atomic(self.path / "config.json", self.config.to_json())
-            _write_atomic(self.path / METRICS, "")  # records of a run killed before its first checkpoint
+            if self.primary:
+                _write_atomic(self.path / "config.json", self.config.to_json())
+                _write_atomic(self.path / METRICS, "")  # records of a run killed before its first checkpoint
             return state
         if not resume:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
                                   "pass --resume to continue it, or choose a new --workdir")
         saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
-        changed = [f.name for f in dataclasses.fields(Config) if getattr(saved, f.name) != getattr(self.config, f.name)]
+        changed = [f.name for f in dataclasses.fields(Config)
+                   if f.name not in PLACEMENT_FIELDS and getattr(saved, f.name) != getattr(self.config, f.name)]
         if changed:
             raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
                              "config.json; resume with the same config or start a new --workdir")
-        abstract = _on_this_device(state)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
         steps = sorted(self.manager.all_steps(), reverse=True)
         epoch, state, meta = _restore_intact(self.manager, steps, lambda _: abstract, self.path / CHECKPOINTS)
         trained_on = meta.record.get("data_sha256")
@@ -132,14 +128,15 @@ class RunDir:
             raise ValueError(f"cannot resume {self.path}: the data differ from what it was trained on (SHA-256 "
                              f"{data_sha256[:12]}... now, {trained_on[:12]}... then); give the same --data-dir or "
                              "$DIGITS_JAX_DATA_DIR as the run had, or start a new --workdir")
-        for damaged in steps[:steps.index(epoch)]:  # set aside, so that its epoch can be saved again
-            aside = self.path / f"damaged-checkpoint-{damaged}-{time.time():.0f}"
-            shutil.move(self.path / CHECKPOINTS / str(damaged), aside)
-        self.manager.reload()
         # The checkpoint's own record replaces a lost or stale line for its epoch.
         checkpoint_record = {k: v for k, v in meta.record.items() if k != "state_sha256"}
         self.records = [r for r in read_records(self.path) if r["epoch"] < epoch] + [checkpoint_record]
-        _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
+        if self.primary:
+            for damaged in steps[:steps.index(epoch)]:  # set aside, so that its epoch can be saved again
+                aside = self.path / f"damaged-checkpoint-{damaged}-{time.time():.0f}"
+                shutil.move(self.path / CHECKPOINTS / str(damaged), aside)
+            _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
+        self.manager.reload()
         return state
 
     def save(self, state: Any, record: dict[str, Any]) -> None:
@@ -148,8 +145,9 @@ class RunDir:
         In this order a crash anywhere leaves no checkpoint without its record; a record without its
         checkpoint is dropped on resume, when that epoch is trained again.
         """
-        with open(self.path / METRICS, "a") as f:
-            f.write(json.dumps(record) + "\n")
+        if self.primary:
+            with open(self.path / METRICS, "a") as f:
+                f.write(json.dumps(record) + "\n")
         self.records.append(record)
         best = {BEST_METRIC: record[BEST_METRIC]} if BEST_METRIC in record else None
         self.manager.save(record["epoch"], metrics=best, args=ocp.args.Composite(
@@ -160,7 +158,8 @@ class RunDir:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-        self._lock.close()
+        if self._lock is not None:
+            self._lock.close()
 
     def __enter__(self) -> RunDir:
         return self
@@ -171,6 +170,24 @@ class RunDir:
     def summary(self) -> dict[str, Any]:
         """{'final': last epoch's record, 'best': the record of the epoch chosen by validation accuracy}."""
         return {"final": self.records[-1], "best": best_record(self.records), "workdir": str(self.path)}
+
+
+def _take_lock(path: Path) -> TextIO:
+    """The open lock file of run directory `path`, locked; RunInUseError when a live process holds it."""
+    lock = open(path / LOCK, "a+")  # noqa: SIM115 -- held until RunDir.close() or process exit
+    try:
+        # flock, not a pid file: the kernel drops it when the holder dies, so a crash never leaves it stuck.
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunInUseError(f"{path} is in use by {holder}; wait for it to finish or choose another "
+                            "--workdir") from None
+    lock.truncate(0)
+    lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
+    lock.flush()
+    return lock
 
 
 def read_records(workdir: str | Path) -> list[dict[str, Any]]:
@@ -216,7 +233,7 @@ def _locate(path: Path) -> tuple[Path, int | None]:
 
 
 def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | None = None,
-            tx: optax.GradientTransformation | None = None) -> Restored:
+            tx: optax.GradientTransformation | None = None, mesh: jax.sharding.Mesh | None = None) -> Restored:
     """Restores a checkpoint in any process, for evaluation or further training.
 
     Args:
@@ -225,6 +242,8 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         one checkpoint.
       model: the Flax module that was trained, when it is not a registered `config.model`.
       tx: the optax transformation that was used, when it was not the config's.
+      mesh: a `parallel.make_mesh` mesh to restore onto, replicated on its devices (however many devices
+        saved it); default: this process's first device.
     Returns:
       Restored(state, config, record, epoch) with `state` a TrainState like the one that was saved.
     """
@@ -238,7 +257,8 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         net = model if model is not None else models.create(config.model, config.num_classes)
         optimizer = tx if tx is not None else optim.optimizer(config, steps_per_epoch=1)
         shapes = jax.eval_shape(lambda: create_train_state(config, net, tuple(meta.record["image_shape"]), optimizer))
-        return _on_this_device(shapes)
+        sharding = parallel.replicated(mesh) if mesh is not None else _first_device()
+        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
 
     try:
         candidates = [chosen] if chosen is not None else _candidates(manager, step, directory)
@@ -248,37 +268,47 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
     return Restored(state=state, config=Config.from_dict(meta.config), record=meta.record, epoch=epoch)
 
 
-def _on_this_device(tree: Any) -> Any:
-    """Restore targets placed on this process's first device, so a GPU checkpoint restores on a CPU and back."""
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), tree)
+def _first_device() -> jax.sharding.Sharding:
+    """This process's first device: a GPU checkpoint restores on a CPU and back."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstract_state: Callable[[Any], Any],
                     directory: Path) -> tuple[int, Any, Any]:
     """(step, state, meta with .config and .record) of the first of `steps` that reads back intact."""
     for step in steps:
+        where = directory / str(step)
         try:
             meta = manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore(),
                                                                  record=ocp.args.JsonRestore()))
+        except Exception as error:  # noqa: BLE001 -- whatever broke the read, this checkpoint is not usable
+            _warn_skipped(where, error)
+            continue
+        try:
             target = ocp.args.StandardRestore(abstract_state(meta))
+        except ValueError as error:  # Not damage: a config this version cannot build (e.g. a newer field).
+            raise ValueError(f"{where} was saved with a config this digits_jax cannot use: {error}. Restore it "
+                             "with the digits_jax version that trained it") from error
+        try:
             state = manager.restore(step, args=ocp.args.Composite(state=target)).state
             saved_digest = meta.record.get("state_sha256")  # absent in checkpoints saved before it existed
             if saved_digest is not None and state_digest(state) != saved_digest:
                 raise ValueError("its state does not match the SHA-256 saved with it")
             return step, state, meta
-        except Exception as error:  # noqa: BLE001 -- whatever broke the read, this checkpoint is not usable
-            reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
-            if "tree structures do not match" in reason:
+        except Exception as error:  # noqa: BLE001 -- as above
+            if "tree structures do not match" in str(error):
                 # Not damage: the state was built differently; older checkpoints would fail the same way.
-                raise ValueError(f"{directory / str(step)} holds a train state of another structure than the one "
-                                 "built to restore it: pass the model= and tx= it was trained with (or the same "
-                                 "config: e.g. ema_decay changes the state), or it was saved by an older "
-                                 "digits_jax") from error
-            warnings.warn(f"skipping damaged checkpoint {directory / str(step)}: {reason}",
-                          CheckpointSkippedWarning, stacklevel=3)
+                raise ValueError(f"{where} holds a train state of another structure than the one built to restore "
+                                 "it: pass the model= and tx= it was trained with (or the same config: e.g. "
+                                 "ema_decay changes the state), or it was saved by an older digits_jax") from error
+            _warn_skipped(where, error)
     raise FileNotFoundError(f"no intact checkpoint in {directory} (tried epochs {list(steps)}); if they are intact, "
                             "check that model= and tx= match the ones that were trained")
+
+
+def _warn_skipped(where: Path, error: Exception) -> None:
+    reason = str(error).splitlines()[0][:300] if str(error) else type(error).__name__
+    warnings.warn(f"skipping damaged checkpoint {where}: {reason}", CheckpointSkippedWarning, stacklevel=4)
 
 
 def _candidates(manager: ocp.CheckpointManager, step: int | str, directory: Path) -> list[int]:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
+PLACEMENT_FIELDS = ("num_devices", "shard_params")
 SCHEDULES = ("constant", "cosine", "onecycle", "exponential")
 
 
@@ -35,9 +36,13 @@ class Config:
     b2: float = 0.999  # Adam's second-moment decay
     label_smoothing: float = 0.0  # mass moved from the true class to all classes uniformly
     ema_decay: float = 0.0  # > 0: evaluate (and checkpoint) an exponential moving average of the parameters
+    augment: str = "none"  # random transform of each training image: a name in digits_jax.augment.PRESETS
     batch_size: int = 128  # examples per step
     epochs: int = 6  # passes over the training split
     seed: int = 0  # initial parameters, data order, dropout
+    # Placement: where the computation runs, not what it computes (a run may resume with other values).
+    num_devices: int = 0  # devices of the data-parallel mesh; 0: all (every host's, in a multi-process job)
+    shard_params: bool = False  # split parameters and optimizer state over the devices instead of copying them
     # Evaluation and checkpoints.
     eval_batch_size: int = 1000  # examples per evaluation step; the last batch is padded and masked
     keep_checkpoints: int = 2  # latest checkpoints kept, plus the best by validation accuracy
@@ -49,7 +54,7 @@ class Config:
     def validated(self) -> Config:
         """Returns self, or raises ValueError naming the first impossible value and why."""
         for field, minimum in (("batch_size", 1), ("epochs", 1), ("eval_batch_size", 1), ("num_classes", 2),
-                               ("keep_checkpoints", 1), ("validation_size", 0)):
+                               ("keep_checkpoints", 1), ("validation_size", 0), ("num_devices", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"config.{field} = {value!r}: must be an integer >= {minimum}")
@@ -67,16 +72,22 @@ class Config:
             raise ValueError(f"config.decay_rate = {self.decay_rate!r}: must be in (0, 1]")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"config.b1 = {self.b1!r}, config.b2 = {self.b2!r}: both must be in [0, 1)")
+        if not isinstance(self.shard_params, bool):
+            raise ValueError(f"config.shard_params = {self.shard_params!r}: must be true or false")
         if self.weight_decay < 0:
             raise ValueError(f"config.weight_decay = {self.weight_decay!r}: must be >= 0")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"config.optimizer = {self.optimizer!r}: choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"config.schedule = {self.schedule!r}: choose one of {SCHEDULES}")
-        from digits_jax.models import MODELS  # late import: models need not load to build a config
+        # Late imports: `import digits_jax.config` alone does not load JAX.
+        from digits_jax.augment import PRESETS as AUGMENTS
+        from digits_jax.models import MODELS
 
         if self.model not in MODELS:
             raise ValueError(f"config.model = {self.model!r}: choose one of {sorted(MODELS)}")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"config.augment = {self.augment!r}: choose one of {sorted(AUGMENTS)}")
         return self
 
     def to_json(self) -> str:
@@ -107,11 +118,19 @@ def _parse(key: str, text: str, annotation: str) -> Any:
     optional = annotation.endswith("| None")
     if optional and text.lower() == "none":
         return None
-    kind = {"str": str, "int": int, "float": float}[annotation.split(" |")[0]]
+    name = annotation.split(" |")[0]
+    kinds: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "bool": _bool}
+    kind = kinds[name]
     try:
         return kind(text)
     except ValueError:
-        raise ValueError(f"--set {key}={text}: cannot parse {text!r} as {kind.__name__}") from None
+        raise ValueError(f"--set {key}={text}: cannot parse {text!r} as {name}") from None
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0"):
+        raise ValueError(text)
+    return text.lower() in ("true", "1")
 
 
 def default() -> Config:

@@ -25,9 +25,10 @@ class Progress:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
 
-    def start(self, config: Config, epoch: int, steps_per_epoch: int, train_size: int) -> None:
+    def start(self, config: Config, epoch: int, steps_per_epoch: int, train_size: int, devices: int = 1) -> None:
         device = jax.devices()[0]
-        where = f"{len(jax.devices())} x {device.device_kind} ({device.platform})"
+        hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
+        where = f"{devices} x {device.device_kind} ({device.platform}){hosts}"
         if self.tty:
             resumed = f", resuming after epoch {epoch}" if epoch else ""
             self._print(f"digits-jax: config '{config.name}', model {config.model}, {train_size} training images, "

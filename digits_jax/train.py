@@ -22,7 +22,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
-from digits_jax import checkpoint, data, metrics, models, optim, progress
+from digits_jax import augment, checkpoint, data, metrics, models, optim, parallel, progress
 from digits_jax.config import Config
 
 Batch = dict[str, jax.Array]  # {'image': (B, H, W, C) uint8, 'label': (B,) int32}
@@ -35,6 +35,7 @@ class TrainOptions:
 
     label_smoothing: float = 0.0  # see Config.label_smoothing
     ema_decay: float = 0.0  # see Config.ema_decay; 0 keeps no average
+    augment: augment.Augment = augment.Augment.none()  # random transforms of each training image
 
 
 class TrainState(train_state.TrainState):
@@ -77,7 +78,8 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
     init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
     variables = dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
     params = variables.pop("params")
-    options = TrainOptions(label_smoothing=config.label_smoothing, ema_decay=config.ema_decay)
+    options = TrainOptions(label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+                           augment=augment.PRESETS[config.augment])
     state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
                               rng=rng, model_state=variables, options=options,
                               ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
@@ -89,10 +91,9 @@ def preprocess(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 255.0
 
 
-def _logits(state: TrainState, params: Any, images: jax.Array, train: bool,
+def _logits(state: TrainState, params: Any, x: jax.Array, train: bool,
             key: jax.Array | None = None) -> tuple[jax.Array, dict[str, Any]]:
     variables = {"params": params, **state.model_state}
-    x = preprocess(images)
     rngs = {"dropout": key} if key is not None else {}
     if train and state.model_state:
         return state.apply_fn(variables, x, train=True, rngs=rngs, mutable=list(state.model_state))
@@ -111,11 +112,12 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
       and 'nonfinite' (1 if the loss was NaN or Inf)).
     """
     step_key = jax.random.fold_in(jax.random.fold_in(state.rng, STEP_STREAM), state.step)
-
+    dropout_key, augment_key = jax.random.split(step_key)
     options = state.options
+    images = augment.apply(options.augment, augment_key, preprocess(batch["image"]))
 
     def loss_fn(params: Any) -> tuple[jax.Array, tuple[jax.Array, jax.Array, dict[str, Any]]]:
-        logits, model_state = _logits(state, params, batch["image"], train=True, key=step_key)
+        logits, model_state = _logits(state, params, images, train=True, key=dropout_key)
         targets = optax.smooth_labels(jax.nn.one_hot(batch["label"], logits.shape[-1]), options.label_smoothing)
         losses = optax.softmax_cross_entropy(logits, targets)
         return losses.mean(), (losses, logits, model_state)
@@ -141,21 +143,28 @@ def epoch_order(rng: jax.Array, epoch: jax.Array | int, n: int, batch_size: int)
     return jax.random.permutation(key, n)[:steps * batch_size].reshape(steps, batch_size)
 
 
-@functools.partial(jax.jit, static_argnames="batch_size", donate_argnums=0)
-def train_epoch(state: TrainState, train_data: Batch, batch_size: int) -> tuple[TrainState, metrics.Metrics]:
+@functools.partial(jax.jit, static_argnames=("batch_size", "mesh"), donate_argnums=0)
+def train_epoch(state: TrainState, train_data: Batch, batch_size: int,
+                mesh: jax.sharding.Mesh | None = None) -> tuple[TrainState, metrics.Metrics]:
     """One shuffled pass over `train_data` as one compiled program; the incomplete last batch is skipped.
 
     Args:
       state: TrainState (donated: do not use it after the call).
-      train_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, resident on the device.
-      batch_size: examples per step; N // batch_size steps are taken.
+      train_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, resident on the device (on every
+        device of `mesh`: `parallel.put(data, parallel.replicated(mesh))`).
+      batch_size: examples per step (global); N // batch_size steps are taken.
+      mesh: a `parallel.make_mesh` mesh: each step's batch is split over its devices; None: one device.
     Returns:
       (state after the epoch, metric sums over the epoch).
     """
     order = epoch_order(state.rng, state.epoch, train_data["label"].shape[0], batch_size)
 
     def body(state: TrainState, indices: jax.Array) -> tuple[TrainState, metrics.Metrics]:
-        return train_step(state, jax.tree.map(lambda a: a[indices], train_data))
+        batch = jax.tree.map(lambda a: a[indices], train_data)
+        if mesh is not None:
+            # Every device holds the whole dataset, so each gathers its own slice of the batch locally.
+            batch = jax.lax.with_sharding_constraint(batch, parallel.batch_sharding(mesh))
+        return train_step(state, batch)
 
     state, step_metrics = jax.lax.scan(body, state, order)
     summed = jax.tree.map(lambda m: m.sum(axis=0), step_metrics)
@@ -185,18 +194,22 @@ class EvalResult:
 
 
 def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict[str, Any],
-             batch_size: int = 1000) -> EvalResult:
+             batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None) -> EvalResult:
     """Evaluates every example of `eval_data` on the device; the last batch is padded and masked.
 
     Args:
       apply_fn: `model.apply`, called as apply_fn(variables, images, train=False) -> (B, C) logits.
       variables: {'params': ..., other collections}; `TrainState.variables` gives it.
       eval_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, NumPy or device arrays.
-      batch_size: examples per compiled step.
+      batch_size: examples per compiled step; with a mesh, rounded up to a multiple of its device count.
+      mesh: a `parallel.make_mesh` mesh to split each batch over (`variables` must live on its devices);
+        None: wherever `variables` are.
     Returns:
       EvalResult: accuracy (fraction of all N), mean loss, count N, (C, C) int confusion, per-class accuracy.
     """
     n = len(eval_data["label"])
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.size) * mesh.size  # padding is masked, so any size is exact
     sums = None
     # One compiled step shared by every split; a short host loop over ~10 batches costs nothing.
     for begin in range(0, n, batch_size):
@@ -204,11 +217,14 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
         size = len(batch["label"])
         if size < batch_size:
             batch = {k: jnp.pad(v, [(0, batch_size - size)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
-        step_sums = eval_step(apply_fn, variables, batch, jnp.arange(batch_size) < size)
+        mask = jnp.arange(batch_size) < size
+        if mesh is not None:
+            batch, mask = parallel.put((batch, mask), parallel.batch_sharding(mesh))
+        step_sums = eval_step(apply_fn, variables, batch, mask)
         sums = step_sums if sums is None else metrics.merge(sums, step_sums)
     if sums is None:
         raise ValueError("evaluate() needs at least one example")
-    sums = jax.device_get(sums)
+    sums = parallel.to_host(sums)
     summary = metrics.compute(sums)
     return EvalResult(accuracy=summary["accuracy"], loss=summary["loss"], count=summary["count"],
                       confusion=np.asarray(sums["confusion"]))
@@ -258,8 +274,11 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
       RunInUseError (another process writes `workdir`), NonFiniteError (NaN/Inf in loss or parameters).
     """
     config = config.validated()
-    log = progress.Progress(config.epochs)
+    parallel.initialize()
     start = time.perf_counter()
+    mesh = parallel.make_mesh(config.num_devices)
+    parallel.check_divisible(mesh, config.batch_size)
+    log = progress.Progress(config.epochs)
     datasets = datasets if datasets is not None else data.load(config)
     train = datasets["train"]
     steps_per_epoch = len(train["label"]) // config.batch_size
@@ -269,26 +288,28 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     model = model if model is not None else models.create(config.model, config.num_classes)
     tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
     state = create_train_state(config, model, train["image"].shape[1:], tx)
+    state = parallel.put(state, parallel.state_shardings(state, mesh, config.shard_params))
 
     with checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints) as run:
         data_sha256 = data.fingerprint(datasets)
         state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256)
-        log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]))
-        device_data = jax.device_put(datasets)
+        log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]), mesh.size)
+        device_data = parallel.put(datasets, parallel.replicated(mesh))
         compile_start = time.perf_counter()
-        epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size).compile()
+        epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size, mesh).compile()
         log.compiled(time.perf_counter() - compile_start)
         first_step = time.perf_counter()
         while int(state.epoch) < config.epochs:
             epoch_start = time.perf_counter()
             state, sums = epoch_fn(state, device_data["train"])
-            sums = jax.device_get(sums)
+            sums = parallel.to_host(sums)
             _check_finite(state, sums, run.path)
             record = _train_record(state, sums, time.perf_counter() - epoch_start, train["image"].shape[1:])
             record["data_sha256"] = data_sha256
             for split in ("validation", "test"):
                 if len(datasets[split]["label"]):
-                    result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size)
+                    result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size,
+                                      mesh)
                     record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
             now = time.perf_counter()
             record |= {"wall_seconds": now - start, "seconds_from_first_step": now - first_step}

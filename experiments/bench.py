@@ -7,6 +7,9 @@ Prints, and writes as JSON (default runs/bench/bench.json):
   compiled epoch), the per-step path's images/s (`train_step` called once per batch from Python), and
   the test accuracy of both paths after one epoch from the same initial state in the same data order;
 - evaluation images/s and the process's peak RSS;
+- data-parallel scaling: images/s of the seed CNN's compiled epoch (first 12,800 training images) on a
+  mesh of 1, 2, 4, 8 devices. On CPU these are fake devices (XLA_FLAGS=--xla_force_host_platform_device_count)
+  sharing the same cores, so they show the partitioning overhead, not a speed-up;
 - for each seed of the `fast` preset, run as `python -m digits_jax train --config fast` in a fresh
   process: wall seconds to >= 99.0% test accuracy from process start and from the first step.
 Measured on a 2-core AMD EPYC CPU: see the README's speed table.
@@ -29,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from digits_jax import config as config_lib
-from digits_jax import data, models, optim, train
+from digits_jax import data, models, optim, parallel, train
 
 TRAIN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 1600 * 128 + 128 * 10)  # seed CNN, 15.79 M
 
@@ -88,6 +91,39 @@ def _per_step_epoch(state: train.TrainState, split: dict[str, np.ndarray], batch
             "per_step_test_accuracy_1_epoch": _test_accuracy(state, test)}
 
 
+def scaling(device_counts: list[int]) -> list[dict[str, float]]:
+    """Compiled-epoch images/s of the seed CNN over 12,800 images on meshes of `device_counts` devices."""
+    config = config_lib.seed().replace(train_limit=12_800, validation_size=0)
+    split = data.load(config)["train"]
+    steps = len(split["label"]) // config.batch_size
+    model = models.create(config.model, config.num_classes)
+    fresh = train.create_train_state(config, model, split["image"].shape[1:], optim.optimizer(config, steps))
+    results = []
+    for count in device_counts:
+        mesh = parallel.make_mesh(count)
+        state = parallel.put(fresh, parallel.replicated(mesh))
+        device_split = parallel.put(split, parallel.replicated(mesh))
+        epoch_fn = train.train_epoch.lower(state, device_split, config.batch_size, mesh).compile()
+        state, sums = epoch_fn(state, device_split)  # warm-up
+        start = time.perf_counter()
+        state, sums = epoch_fn(state, device_split)
+        jax.block_until_ready(sums)
+        seconds = time.perf_counter() - start
+        results.append({"devices": count, "images_per_second": steps * config.batch_size / seconds})
+    return results
+
+
+def scaling_in_subprocess(device_counts: list[int]) -> list[dict[str, float]]:
+    """`scaling` in a fresh process; on CPU with as many fake devices as the largest count."""
+    env = dict(os.environ)
+    if jax.default_backend() == "cpu":
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(device_counts)}"
+    counts = ",".join(map(str, device_counts))
+    output = subprocess.run([sys.executable, __file__, "--scaling-worker", counts], env=env, check=True,
+                            stdout=subprocess.PIPE, text=True).stdout
+    return json.loads(output.splitlines()[-1])
+
+
 def fast_to_99(seed: int) -> dict[str, float | None]:
     """Runs the fast preset in a fresh process; seconds to >= 99.0% test accuracy (None if never reached)."""
     with tempfile.TemporaryDirectory() as workdir:
@@ -115,7 +151,12 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="compiled epochs to time; the first is warm-up")
     parser.add_argument("--fast-seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"))
+    parser.add_argument("--scaling-devices", default="1,2,4,8", help="device counts to time; '' skips")
+    parser.add_argument("--scaling-worker", help=argparse.SUPPRESS)  # internal: run `scaling` and print JSON
     args = parser.parse_args()
+    if args.scaling_worker:
+        print(json.dumps(scaling([int(n) for n in args.scaling_worker.split(",")])))
+        return
     device = jax.devices()[0]
     report: dict = {"backend": jax.default_backend(), "device": device.device_kind, "jax": jax.__version__,
                     "cpu_count": os.cpu_count()}
@@ -128,6 +169,13 @@ def main() -> None:
     print(f"test accuracy after 1 epoch, same init and order: compiled epoch "
           f"{100 * s['epoch_path_test_accuracy_1_epoch']:.2f}%, per-step path "
           f"{100 * s['per_step_test_accuracy_1_epoch']:.2f}%", flush=True)
+    if args.scaling_devices:
+        counts = [n for n in map(int, args.scaling_devices.split(","))
+                  if jax.default_backend() == "cpu" or n <= len(jax.devices())]
+        report["scaling"] = scaling_in_subprocess(counts)
+        fake = " (fake CPU devices sharing the cores)" if jax.default_backend() == "cpu" else ""
+        print("data-parallel scaling" + fake + ": " + ", ".join(
+            f"{r['devices']} devices {r['images_per_second']:,.0f} img/s" for r in report["scaling"]), flush=True)
     report["fast"] = []
     for seed in range(args.fast_seeds):
         run = fast_to_99(seed)

@@ -52,3 +52,16 @@ def test_restore_errors_name_the_path(tmp_path, finished_run):
 def test_best_record(accuracies, best_epoch):
     records = [{"epoch": i + 1} | ({} if a is None else {"validation_accuracy": a}) for i, a in enumerate(accuracies)]
     assert checkpoint.best_record(records)["epoch"] == best_epoch
+
+
+def test_a_config_this_version_cannot_build_is_an_error_not_damage(tmp_path, finished_run):
+    import json
+    import shutil
+
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    saved = workdir / "checkpoints" / "2" / "config" / "metadata"
+    saved.write_text(json.dumps(json.loads(saved.read_text()) | {"from_the_future": 1}))
+    with pytest.raises(ValueError, match=r"checkpoints/2 was saved with a config this digits_jax cannot use: "
+                                         r"unknown config keys \['from_the_future'\]"):
+        checkpoint.restore(workdir, step="latest")

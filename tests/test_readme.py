@@ -15,9 +15,9 @@ def readme_snippets() -> list[str]:
 
 def test_readme_snippets_run(tmp_path, mnist_dir):
     snippets = readme_snippets()
-    assert len(snippets) == 4
+    assert len(snippets) == 5
     script = "\n".join(f"print('--- snippet {i}')\n{code}" for i, code in enumerate(snippets, 1))
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, f"README snippet failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "--- snippet 4" in result.stdout and "test accuracy" in result.stdout
+    assert "--- snippet 5" in result.stdout and "devices 8 test accuracy" in result.stdout
