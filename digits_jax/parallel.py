@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -89,14 +90,16 @@ def put(tree: Any, shardings: Any) -> Any:
     """Places host (NumPy) or device arrays with `shardings` (one sharding, or a matching pytree of them).
 
     Each process supplies only the pieces its own devices hold, so this works across hosts when every
-    process passes the same global values.
+    process passes the same global values. The result never aliases the input: donating it is safe.
     """
     if isinstance(shardings, jax.sharding.Sharding):
         shardings = jax.tree.map(lambda _: shardings, tree)
 
     def one(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
         if isinstance(value, jax.Array) and value.is_fully_addressable and sharding.is_fully_addressable:
-            return jax.device_put(value, sharding)
+            # Copy first: device_put may hand back the input's own buffer as one shard of the result (even with
+            # may_alias=False), and donating the result would then delete the caller's array.
+            return jax.device_put(jnp.copy(value), sharding)
         host = np.asarray(value)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 

@@ -146,3 +146,13 @@ def test_two_processes_on_localhost_train_as_one_job(tmp_path, mnist_dir, tiny_c
         restored.record["test_accuracy"]
     for a, b in zip(jax.tree.leaves(restored.state.params), jax.tree.leaves(runs["one"][1].params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_put_never_aliases_its_input_so_donating_the_result_is_safe(tiny_config, tiny_data):
+    from tests.test_train import fresh_state
+
+    state = fresh_state(tiny_config, tiny_data)
+    mesh = parallel.make_mesh(2)  # device_put would reuse the input's buffer for the shard on device 0
+    placed = parallel.put(state, parallel.replicated(mesh))
+    train.train_epoch(placed, parallel.put(tiny_data["train"], parallel.replicated(mesh)), 64, mesh)
+    assert placed.step.is_deleted() and not state.step.is_deleted() and int(state.step) == 0
