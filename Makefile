@@ -15,7 +15,7 @@ FLAVOUR := $(if $(GPU),cuda12,cpu)
 JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: setup train seed eval serve report fonts runs bench bench-peers chaos test lint clean
+.PHONY: setup train seed best ensemble ladder eval serve report fonts runs bench bench-peers chaos test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -46,6 +46,15 @@ report: setup  ## make report RUN=runs/default: learning curves, confusion, mist
 
 fonts: setup  ## typeset digits from 8 fonts through preprocess + predict (experiments/fonts.py); CKPT=runs/default
 	$(PY) experiments/fonts.py --checkpoint $(or $(CKPT),runs/default) $(ARGS)
+
+best: setup  ## the best single-model recipe (config best), test accuracy of the epoch chosen on validation
+	$(PY) experiments/best.py $(ARGS)
+
+ensemble: setup  ## the best recipe with 5 seeds, probabilities averaged
+	$(PY) experiments/ensemble.py $(ARGS)
+
+ladder: setup  ## seed -> architecture -> augmentation -> schedule -> EMA -> TTA -> ensemble, 3 seeds per rung
+	$(PY) experiments/ladder.py $(ARGS)
 
 bench: setup  ## seed CNN throughput and the fast preset's time to 99% (experiments/bench.py)
 	$(PY) experiments/bench.py $(ARGS)

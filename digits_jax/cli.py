@@ -34,7 +34,8 @@ def _eval(args: argparse.Namespace) -> int:
     restored = checkpoint.restore(args.checkpoint, step=args.step)
     config = restored.config.replace(data_dir=args.data_dir) if args.data_dir else restored.config
     split = data.load(config)[args.split]
-    result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size)
+    result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size,
+                            tta_shift=config.tta_shift)
     recorded = restored.record.get(f"{args.split}_accuracy")
     report = {"checkpoint": str(args.checkpoint), "epoch": restored.epoch, "split": args.split,
               "count": result.count, "accuracy": result.accuracy, "loss": result.loss,

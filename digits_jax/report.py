@@ -42,7 +42,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     config = restored.config.replace(data_dir=data_dir) if data_dir else restored.config
     test = data.load(config)["test"]
     state = restored.state
-    result = train.evaluate(state.apply_fn, state.variables, test, config.eval_batch_size)
+    result = train.evaluate(state.apply_fn, state.variables, test, config.eval_batch_size, tta_shift=config.tta_shift)
     predictor = Predictor(state.apply_fn, state.variables, restored.record["image_shape"])
     batches = range(0, len(test["label"]), config.eval_batch_size)
     probabilities = np.concatenate([predictor.predict(test["image"][i:i + config.eval_batch_size]) for i in batches])

@@ -171,12 +171,38 @@ def train_epoch(state: TrainState, train_data: Batch, batch_size: int,
     return state.replace(epoch=state.epoch + 1), summed
 
 
-@functools.partial(jax.jit, static_argnames="apply_fn")
-def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, mask: jax.Array) -> metrics.Metrics:
-    """Metric sums (with the confusion matrix) for one batch; rows where `mask` (B,) bool is False are padding."""
-    logits = apply_fn(variables, preprocess(batch["image"]), train=False)
-    losses = optax.softmax_cross_entropy(logits, jax.nn.one_hot(batch["label"], logits.shape[-1]))
-    return metrics.batch(losses, logits, batch["label"], mask)
+def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
+    """(B, H, W, C) images moved down by `dy` and right by `dx` whole pixels, zeros shifted in."""
+    _, h, w, _ = images.shape
+    padded = jnp.pad(images, ((0, 0), (abs(dy), abs(dy)), (abs(dx), abs(dx)), (0, 0)))
+    return padded[:, abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w]
+
+
+def log_probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array,
+                      tta_shift: int = 0) -> jax.Array:
+    """(B, C) float32 log class probabilities of float (B, H, W, C) images, in inference mode.
+
+    With `tta_shift` > 0 (test-time augmentation), the probabilities are averaged over each image and its
+    four copies moved by `tta_shift` pixels up, down, left and right (one model call on a 5x batch).
+    """
+    if not tta_shift:
+        return jax.nn.log_softmax(apply_fn(variables, images, train=False))
+    s = tta_shift
+    views = [images] + [translate(images, dy, dx) for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s))]
+    probabilities = jax.nn.softmax(apply_fn(variables, jnp.concatenate(views), train=False))
+    return jnp.log(probabilities.reshape(len(views), images.shape[0], -1).mean(axis=0))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "tta_shift"))
+def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, mask: jax.Array,
+              tta_shift: int = 0) -> metrics.Metrics:
+    """Metric sums (with the confusion matrix) for one batch; rows where `mask` (B,) bool is False are padding.
+
+    `tta_shift`: see `log_probabilities`; the loss is the cross-entropy of the averaged probabilities.
+    """
+    log_p = log_probabilities(apply_fn, variables, preprocess(batch["image"]), tta_shift)
+    losses = optax.softmax_cross_entropy(log_p, jax.nn.one_hot(batch["label"], log_p.shape[-1]))
+    return metrics.batch(losses, log_p, batch["label"], mask)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,7 +220,7 @@ class EvalResult:
 
 
 def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict[str, Any],
-             batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None) -> EvalResult:
+             batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None, tta_shift: int = 0) -> EvalResult:
     """Evaluates every example of `eval_data` on the device; the last batch is padded and masked.
 
     Args:
@@ -204,6 +230,7 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
       batch_size: examples per compiled step; with a mesh, rounded up to a multiple of its device count.
       mesh: a `parallel.make_mesh` mesh to split each batch over (`variables` must live on its devices);
         None: wherever `variables` are.
+      tta_shift: > 0 averages predictions over 1-pixel-or-more translations (see `log_probabilities`).
     Returns:
       EvalResult: accuracy (fraction of all N), mean loss, count N, (C, C) int confusion, per-class accuracy.
     """
@@ -220,7 +247,7 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
         mask = jnp.arange(batch_size) < size
         if mesh is not None:
             batch, mask = parallel.put((batch, mask), parallel.batch_sharding(mesh))
-        step_sums = eval_step(apply_fn, variables, batch, mask)
+        step_sums = eval_step(apply_fn, variables, batch, mask, tta_shift)
         sums = step_sums if sums is None else metrics.merge(sums, step_sums)
     if sums is None:
         raise ValueError("evaluate() needs at least one example")
@@ -309,7 +336,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             for split in ("validation", "test"):
                 if len(datasets[split]["label"]):
                     result = evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size,
-                                      mesh)
+                                      mesh, config.tta_shift)
                     record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
             now = time.perf_counter()
             record |= {"wall_seconds": now - start, "seconds_from_first_step": now - first_step}

@@ -67,3 +67,47 @@ def test_max_pool_matches_flax(shape):
 def test_unknown_model_names_the_choices():
     with pytest.raises(ValueError, match=r"unknown model 'resnet'.*seed"):
         models.create("resnet", 10)
+
+
+class ReferenceBNCNN(nn.Module):
+    """The "bn" model written with plain flax layers (nn.Conv, nn.max_pool), as an independent reference."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        for i, features in enumerate((32, 64), 1):
+            for j in (1, 2):
+                x = nn.Conv(features, (3, 3), padding="VALID", use_bias=False, name=f"conv{i}_{j}")(x)
+                x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{i}_{j}")(x))
+            x = nn.max_pool(x, (2, 2), (2, 2))
+        x = nn.Dense(256, use_bias=False, name="dense1")(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_dense")(x))
+        return nn.Dense(10, name="dense2")(x)
+
+
+def test_bn_model_matches_plain_flax_in_both_modes():
+    x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+    ours = models.create("bn", 10).clone(dropout=0.0)  # dropout off: the reference has none
+    variables = ours.init(jax.random.PRNGKey(0), x)
+    reference = ReferenceBNCNN()
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference.init(jax.random.PRNGKey(0), x))
+    ours_train, ours_stats = ours.apply(variables, x, train=True, mutable=["batch_stats"])
+    ref_train, ref_stats = reference.apply(variables, x, train=True, mutable=["batch_stats"])
+    np.testing.assert_allclose(ours_train, ref_train, rtol=1e-4, atol=1e-5)
+    for a, b in zip(jax.tree.leaves(ours_stats), jax.tree.leaves(ref_stats), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    updated = {"params": variables["params"], **ref_stats}
+    np.testing.assert_allclose(ours.apply(updated, x), reference.apply(updated, x), rtol=1e-4, atol=1e-5)
+
+
+def test_bn_model_dropout_depends_only_on_its_key():
+    x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+    model = models.create("bn", 10)
+    variables = model.init(jax.random.PRNGKey(0), x)
+
+    def run(seed):
+        return model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(seed)},
+                           mutable=["batch_stats"])[0]
+
+    np.testing.assert_array_equal(run(0), run(0))
+    assert not np.allclose(run(0), run(1))
+    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))  # inference: no dropout

@@ -85,7 +85,13 @@ def test_train_and_evaluate_writes_records_and_checkpoints(tmp_path, tiny_config
     assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir() if p.name.isdigit()) == ["1", "2"]
 
 
-def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path, tiny_config, tiny_data):
+@pytest.mark.parametrize("changes", [
+    {},
+    # Everything that draws random numbers or keeps extra state: dropout, augmentation, batch norm, EMA.
+    {"model": "bn", "augment": "elastic", "ema_decay": 0.9, "label_smoothing": 0.1},
+], ids=["seed", "bn-augment-ema"])
+def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path, tiny_config, tiny_data, changes):
+    tiny_config = tiny_config.replace(**changes)
     whole = train.train_and_evaluate(tiny_config, tmp_path / "whole", datasets=tiny_data)
     crashed = tmp_path / "crashed"
     train.train_and_evaluate(tiny_config, crashed, datasets=tiny_data)
@@ -98,6 +104,14 @@ def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path,
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [r["epoch"] for r in checkpoint.read_records(crashed)] == [1, 2]
+    if changes:  # batch statistics were learned, and a restore evaluates to the recorded accuracy
+        fresh = fresh_state(tiny_config, tiny_data)
+        assert not np.allclose(whole.model_state["batch_stats"]["bn1_1"]["mean"],
+                               fresh.model_state["batch_stats"]["bn1_1"]["mean"])
+        restored = checkpoint.restore(crashed, step="latest")
+        result = train.evaluate(restored.state.apply_fn, restored.state.variables, tiny_data["test"],
+                                tiny_config.eval_batch_size)
+        assert result.accuracy == restored.record["test_accuracy"]
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, tiny_config, tiny_data):

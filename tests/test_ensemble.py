@@ -1,0 +1,91 @@
+"""Test-time augmentation and ensembles against NumPy references."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from digits_jax import ensemble, train
+
+
+def numpy_shift(images, dy, dx):
+    out = np.zeros_like(images)
+    h, w = images.shape[1:3]
+    out[:, max(dy, 0):h + min(dy, 0), max(dx, 0):w + min(dx, 0)] = \
+        images[:, max(-dy, 0):h + min(-dy, 0), max(-dx, 0):w + min(-dx, 0)]
+    return out
+
+
+@pytest.mark.parametrize(("dy", "dx"), [(1, 0), (-2, 1), (0, -3)])
+def test_translate_moves_pixels_and_fills_zeros(dy, dx):
+    x = np.random.default_rng(0).uniform(size=(2, 6, 5, 1)).astype(np.float32)
+    np.testing.assert_array_equal(train.translate(jnp.asarray(x), dy, dx), numpy_shift(x, dy, dx))
+
+
+def softmax(z):
+    z = z - z.max(-1, keepdims=True)
+    return np.exp(z) / np.exp(z).sum(-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_config, tiny_data):
+    from tests.test_train import fresh_state
+
+    state = fresh_state(tiny_config.replace(learning_rate=1e-3, schedule="constant"), tiny_data)
+    batch = {k: v[:128] for k, v in tiny_data["train"].items()}
+    for _ in range(10):
+        state, _ = train.train_step(state, batch)
+    return state
+
+
+def test_tta_averages_the_softmax_over_five_shifted_copies(trained, tiny_data):
+    test = {k: v[:300] for k, v in tiny_data["test"].items()}
+    x = test["image"].astype(np.float32) / 255
+    views = [x] + [numpy_shift(x, dy, dx) for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2))]
+    probs = np.mean([softmax(np.asarray(trained.apply_fn(trained.variables, v, train=False), np.float64))
+                     for v in views], axis=0)
+    result = train.evaluate(trained.apply_fn, trained.variables, test, batch_size=128, tta_shift=2)
+    assert result.accuracy == np.mean(probs.argmax(-1) == test["label"])
+    np.testing.assert_allclose(result.loss, -np.mean(np.log(probs[np.arange(300), test["label"]])), rtol=1e-4)
+    plain = train.evaluate(trained.apply_fn, trained.variables, test, batch_size=128)
+    single = softmax(np.asarray(trained.apply_fn(trained.variables, x, train=False), np.float64))
+    assert plain.accuracy == np.mean(single.argmax(-1) == test["label"])
+
+
+def test_combine_mean_and_vote_against_a_direct_count():
+    p = np.array([  # 3 members, 2 examples, 3 classes
+        [[0.6, 0.3, 0.1], [0.1, 0.5, 0.4]],
+        [[0.1, 0.8, 0.1], [0.1, 0.45, 0.45]],
+        [[0.2, 0.7, 0.1], [0.2, 0.3, 0.5]],
+    ])
+    np.testing.assert_array_equal(ensemble.combine(p, "mean"), [1, 2])  # means: [.3 .6 .1], [.13 .417 .45]
+    np.testing.assert_array_equal(ensemble.combine(p, "vote"), [1, 1])  # votes: 1 twice; then 1, 1, 2
+    tie = np.array([[[0.9, 0.1]], [[0.4, 0.6]]])  # one vote each: the higher mean probability (0.65) wins
+    np.testing.assert_array_equal(ensemble.combine(tie, "vote"), [0])
+    with pytest.raises(ValueError, match="choose one of"):
+        ensemble.combine(p, "median")
+
+
+def test_ensemble_of_copies_equals_the_member_and_probabilities_sum_to_one(trained, tiny_data):
+    test = {k: v[:250] for k, v in tiny_data["test"].items()}
+    member = (trained.apply_fn, trained.variables)
+    probs = ensemble.probabilities(*member, test["image"], batch_size=100)
+    assert probs.shape == (250, 10) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(-1), 1.0, rtol=1e-5)
+    alone = train.evaluate(*member, test, batch_size=100).accuracy
+    for method in ensemble.METHODS:
+        result = ensemble.evaluate([member, member], test, method, batch_size=100)
+        assert result["accuracy"] == alone and result["member_accuracies"] == [alone, alone]
+
+
+def test_ensemble_of_different_members_against_numpy(trained, tiny_data, tiny_config):
+    from tests.test_train import fresh_state
+
+    other = fresh_state(tiny_config.replace(seed=1), tiny_data)
+    members = [(trained.apply_fn, trained.variables), (other.apply_fn, other.variables)]
+    test = {k: v[:200] for k, v in tiny_data["test"].items()}
+    x = test["image"].astype(np.float32) / 255
+    probs = np.stack([softmax(np.asarray(fn(v, x, train=False), np.float64)) for fn, v in members])
+    expected = np.mean(probs.mean(0).argmax(-1) == test["label"])
+    assert ensemble.evaluate(members, test, "mean", batch_size=64)["accuracy"] == pytest.approx(expected)

@@ -1,0 +1,47 @@
+"""The accuracy experiments' pipelines at tiny scale: they run and write their tables; the summary statistics
+against NumPy."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+
+from tests.conftest import REPO
+
+
+def test_ladder_runs_every_rung_and_writes_csv_and_markdown(tmp_path, mnist_dir):
+    out = tmp_path / "results" / "ladder"
+    command = [sys.executable, "experiments/ladder.py", "--tiny", "--seeds", "1", "--runs", str(tmp_path / "runs"),
+               "--out", str(out)]
+    env = os.environ | {"XLA_FLAGS": ""}  # one device: compiling for eight would take most of the time
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    runs = pd.read_csv(out.with_suffix(".csv"))
+    rungs = ["seed recipe", "bn architecture", "+ augmentation", "+ schedule", "+ EMA", "+ TTA", "ensemble of 1"]
+    assert list(runs["rung"]) == rungs
+    assert runs["test_accuracy"].between(0, 1).all()
+    table = out.with_suffix(".md").read_text()
+    assert "| rung" in table and "ensemble of 1" in table and "Hardware:" in table
+
+
+def test_ladder_summary_against_numpy():
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        from ladder import summarise
+    finally:
+        sys.path.pop(0)
+    accuracies = {"a": [0.99, 0.995, 0.993], "b": [0.9971, 0.9969]}
+    runs = pd.DataFrame([{"rung": rung, "seed": i, "test_accuracy": acc, "wall_seconds": 10.0 * (i + 1)}
+                         for rung, values in accuracies.items() for i, acc in enumerate(values)])
+    table = summarise(runs)
+    assert list(table.index) == ["a", "b"] and table["seeds"].tolist() == [3, 2]
+    for rung, values in accuracies.items():
+        row = table.loc[rung]
+        assert row["test accuracy % (mean)"] == round(100 * np.mean(values), 2)
+        assert row["std"] == round(100 * np.std(values, ddof=1), 2)
+        assert row["best"] == round(100 * max(values), 2)
+        assert row["wall s (mean)"] == np.mean([10.0 * (i + 1) for i in range(len(values))])
