@@ -153,9 +153,10 @@ def fast() -> Config:
 
 
 def best() -> Config:
-    """For accuracy: the batch-norm CNN with dropout, elastic augmentation, one-cycle Adam 2e-3, label smoothing,
-    an EMA of the weights, and test-time augmentation; 15 epochs."""
-    return Config(name="best", model="bn", augment="elastic", learning_rate=2e-3, epochs=15, label_smoothing=0.1,
+    """For accuracy: the batch-norm CNN with dropout, affine augmentation, one-cycle Adam 2e-3, label smoothing,
+    an EMA of the weights, and test-time augmentation; 15 epochs. (Affine, not elastic: on the validation
+    split after 3 epochs, affine 99.52%, none 99.32%, affine + elastic 99.14%.)"""
+    return Config(name="best", model="bn", augment="affine", learning_rate=2e-3, epochs=15, label_smoothing=0.1,
                   ema_decay=0.999, tta_shift=1).validated()
 
 

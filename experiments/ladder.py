@@ -4,7 +4,7 @@ each training rung with several seeds, summarised as a pandas table (CSV and Mar
     make ladder                    # = .venv/bin/python experiments/ladder.py [--seeds 3] [--epochs 15]
 
 Each rung adds one thing to the one before: "bn architecture" is the batch-norm CNN with dropout and
-constant Adam 1e-3; "+ augmentation" adds on-device elastic + affine distortions; "+ schedule" switches to
+constant Adam 1e-3; "+ augmentation" adds on-device affine distortions; "+ schedule" switches to
 one-cycle Adam 2e-3 with label smoothing 0.1; "+ EMA" evaluates an exponential moving average (0.999) of
 the weights; "+ TTA" evaluates the same checkpoints averaged over 1-pixel shifts; "ensemble" averages the
 probabilities of the "+ TTA" models of all seeds. Every run's epoch is chosen on the validation split; the
@@ -31,7 +31,7 @@ def training_rungs(tiny: bool, epochs: int) -> list[tuple[str, Config]]:
     base = config.tiny().replace(epochs=1) if tiny else config.best().replace(epochs=epochs)
     architecture = base.replace(name="ladder", model="bn", augment="none", schedule="constant", learning_rate=1e-3,
                                 label_smoothing=0.0, ema_decay=0.0, tta_shift=0)
-    augmented = architecture.replace(augment="elastic")
+    augmented = architecture.replace(augment="affine")
     scheduled = augmented.replace(schedule="onecycle", learning_rate=2e-3, label_smoothing=0.1)
     averaged = scheduled.replace(ema_decay=0.9 if tiny else 0.999)
     seed_recipe = config.tiny().replace(epochs=1, learning_rate=1e-4, schedule="constant") if tiny else config.seed()
