@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import signal
 import sys
+import threading
 import traceback
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -65,16 +67,25 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000)
 
 
 def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serves the drawing page until Ctrl-C, printing its URL first."""
+    """Serves the drawing page until Ctrl-C (SIGINT) or SIGTERM, printing its URL first; main thread only."""
     server = make_server(predictor, host, port)
     # Compile now, so that the first stroke is answered at once.
     predictor.predict(np.zeros((1, 28, 28, 1), np.uint8))
+
+    def stop(signum: int, frame: object) -> None:
+        # Ask the loop to end rather than raise KeyboardInterrupt wherever the main thread happens to be (one CI
+        # run hung after Ctrl-C; an interrupt inside socketserver's thread start-up is the suspect). shutdown()
+        # waits for the loop, so it must run on another thread.
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     print(f"drawing page at {server.url} (Ctrl-C stops)", flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
         print("stopped")
     finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
         server.server_close()
 
 
