@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digits_jax import checkpoint, train
+from digits_jax import train
 
 METHODS = ("mean", "vote")
 Member = tuple[Callable[..., jax.Array], Any]  # (apply_fn, variables), as TrainState.apply_fn and .variables
@@ -25,14 +24,8 @@ def _probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images: j
 def probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images: np.ndarray, batch_size: int = 1000,
                   tta_shift: int = 0) -> np.ndarray:
     """float32 (N, C) class probabilities of uint8 (N, H, W, C) images; the last batch is padded, then cut."""
-    n = len(images)
-    out = []
-    for begin in range(0, n, batch_size):
-        batch = np.asarray(images[begin:begin + batch_size])
-        size = len(batch)
-        batch = np.pad(batch, [(0, batch_size - size)] + [(0, 0)] * (batch.ndim - 1))  # one compiled shape
-        out.append(np.asarray(_probabilities(apply_fn, variables, batch, tta_shift))[:size])
-    return np.concatenate(out)
+    return np.concatenate([np.asarray(_probabilities(apply_fn, variables, batch["image"], tta_shift))[:size]
+                           for batch, size in train.padded_batches({"image": images}, batch_size)])
 
 
 def combine(member_probabilities: np.ndarray, method: str = "mean") -> np.ndarray:
@@ -67,11 +60,3 @@ def evaluate(members: Sequence[Member], eval_data: dict[str, np.ndarray], method
     return {"accuracy": float(np.mean(combine(stacked, method) == labels)),
             "member_accuracies": [float(np.mean(p.argmax(-1) == labels)) for p in stacked], "count": len(labels)}
 
-
-def restore_members(run_dirs: Sequence[str | Path], step: int | str = "best") -> list[Member]:
-    """(apply_fn, variables) of each run directory's checkpoint (the best by validation accuracy by default)."""
-    members = []
-    for run_dir in run_dirs:
-        state = checkpoint.restore(run_dir, step=step).state
-        members.append((state.apply_fn, state.variables))
-    return members

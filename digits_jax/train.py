@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -205,6 +205,18 @@ def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, 
     return metrics.batch(losses, log_p, batch["label"], mask)
 
 
+def padded_batches(arrays: dict[str, Any], batch_size: int) -> Iterator[tuple[dict[str, Any], int]]:
+    """Consecutive `batch_size`-row slices of equally long (N, ...) arrays, the last one zero-padded so that
+    every batch has one compiled shape; yields (batch, number of real rows)."""
+    n = len(next(iter(arrays.values())))
+    for begin in range(0, n, batch_size):
+        batch = {k: v[begin:begin + batch_size] for k, v in arrays.items()}
+        size = len(next(iter(batch.values())))
+        if size < batch_size:
+            batch = {k: jnp.pad(v, [(0, batch_size - size)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+        yield batch, size
+
+
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
     """Accuracy (fraction), mean loss, example count and (C, C) confusion (rows true, columns predicted)."""
@@ -234,16 +246,11 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
     Returns:
       EvalResult: accuracy (fraction of all N), mean loss, count N, (C, C) int confusion, per-class accuracy.
     """
-    n = len(eval_data["label"])
     if mesh is not None:
         batch_size = -(-batch_size // mesh.size) * mesh.size  # padding is masked, so any size is exact
     sums = None
     # One compiled step shared by every split; a short host loop over ~10 batches costs nothing.
-    for begin in range(0, n, batch_size):
-        batch = {k: v[begin:begin + batch_size] for k, v in eval_data.items()}
-        size = len(batch["label"])
-        if size < batch_size:
-            batch = {k: jnp.pad(v, [(0, batch_size - size)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+    for batch, size in padded_batches(eval_data, batch_size):
         mask = jnp.arange(batch_size) < size
         if mesh is not None:
             batch, mask = parallel.put((batch, mask), parallel.batch_sharding(mesh))
