@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -156,9 +157,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _use_compilation_cache() -> None:
+    """Keeps XLA's compiled programs on disk between runs (JAX's persistent compilation cache), so a rerun of
+    a config skips its compilation (about 5 s of the fast preset's 17 s). JAX_COMPILATION_CACHE_DIR chooses
+    the folder, and an empty value turns the cache off; the default is ~/.cache/digits_jax/xla."""
+    import jax
+
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        jax.config.update("jax_compilation_cache_dir", str(cache_home / "digits_jax" / "xla"))
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # JAX's 1 s default skips eval steps
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parser().parse_args(argv)
+    _use_compilation_cache()
     # Orbax and tensorflow-datasets log routine notes as absl warnings; users need only our lines.
     absl_logging.set_verbosity(absl_logging.ERROR)
     warnings.showwarning = _show_warning

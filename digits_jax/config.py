@@ -146,10 +146,13 @@ def seed() -> Config:
 
 
 def fast() -> Config:
-    """Time to 99%: the fast CNN, one epoch of one-cycle Adam 1e-2 (b1 0.7, b2 0.9) at batch 256, all 60,000
-    training images (nothing is selected, so no validation split)."""
-    return Config(name="fast", model="fast", learning_rate=1e-2, b1=0.7, b2=0.9, batch_size=256, epochs=1,
-                  validation_size=0, eval_batch_size=2000).validated()
+    """Time to 99%: the space-to-depth CNN, one epoch of one-cycle Adam 1e-2 (b1 0.7, b2 0.9) at batch 256 on all
+    60,000 training images, evaluated with test-time shifts of 1 pixel. There is no validation split: the
+    recipe was chosen on one (the last 10,000 training images, seeds 0-2): "s2d" matched the "fast" layout's
+    accuracy at about 1.5x its speed, and the shifts added 0.05 points; wider layers, a 512-unit dense
+    layer, batch norm, batch 128, input standardisation and learning rate 2e-2 did not help."""
+    return Config(name="fast", model="s2d", learning_rate=1e-2, b1=0.7, b2=0.9, batch_size=256, epochs=1,
+                  validation_size=0, eval_batch_size=2000, tta_shift=1).validated()
 
 
 def best() -> Config:

@@ -75,15 +75,21 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
       TrainState with step and epoch int32 scalars at 0, rng a uint32 (2,) key, model_state the module's
       non-parameter collections.
     """
-    init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
-    params = variables.pop("params")
     options = TrainOptions(label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
                            augment=augment.PRESETS[config.augment])
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
-                              rng=rng, model_state=variables, options=options,
-                              ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
-    return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other leaf of the state
+
+    # One compiled program: run op by op, initialisation took ~2.5 s of a 16 s fast run's start-up.
+    @jax.jit
+    def init(seed: jax.Array) -> TrainState:
+        init_key, rng = jax.random.split(jax.random.PRNGKey(seed))
+        variables = dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
+        params = variables.pop("params")
+        state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
+                                  rng=rng, model_state=variables, options=options,
+                                  ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
+        return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other leaf of the state
+
+    return init(config.seed)
 
 
 def preprocess(images: jax.Array) -> jax.Array:

@@ -111,3 +111,51 @@ def test_bn_model_dropout_depends_only_on_its_key():
     np.testing.assert_array_equal(run(0), run(0))
     assert not np.allclose(run(0), run(1))
     np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))  # inference: no dropout
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 11, 11, 2), (3, 5, 6, 1)])
+def test_max_pool_gradient_matches_flax_with_ties(shape):
+    # Integers from {0, 1, 2} tie often inside a window; the gradient must go to the first maximum, as
+    # nn.max_pool's (select-and-scatter) does, and never be split or duplicated.
+    x = jax.random.randint(jax.random.PRNGKey(0), shape, 0, 3).astype(jnp.float32)
+    weights = jax.random.normal(jax.random.PRNGKey(1), models.max_pool(x).shape)
+    ours = jax.grad(lambda v: jnp.sum(models.max_pool(v) * weights))(x)
+    reference = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (2, 2)) * weights))(x)
+    np.testing.assert_array_equal(ours, reference)
+    assert float(jnp.sum(ours)) == pytest.approx(float(jnp.sum(weights)), rel=1e-5)
+
+
+def test_space_to_depth_orders_channels_row_column_channel():
+    x = jnp.arange(2 * 4 * 6 * 3, dtype=jnp.float32).reshape(2, 4, 6, 3)
+    reference = jnp.concatenate([x[:, i::2, j::2, :] for i in range(2) for j in range(2)], axis=-1)
+    np.testing.assert_array_equal(models.space_to_depth(x), reference)
+    with pytest.raises(ValueError, match="divisible by 2; got 5x6"):
+        models.space_to_depth(jnp.zeros((1, 5, 6, 1)))
+
+
+class ReferenceSpaceToDepthCNN(nn.Module):
+    """The "s2d" model with plain flax layers, its first convolution written as the 6x6 stride-2 convolution
+    that space-to-depth + 3x3 amounts to (kernel rearranged from the 3x3x4 one)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        kernel = self.param("kernel1", nn.initializers.zeros_init(), (3, 3, 4, 32))
+        bias = self.param("bias1", nn.initializers.zeros_init(), (32,))
+        # (a, b, (di, dj)) -> (2a + di, 2b + dj): the 6x6 kernel over original pixels.
+        big = kernel.reshape(3, 3, 2, 2, 32).transpose(0, 2, 1, 3, 4).reshape(6, 6, 1, 32)
+        x = jax.lax.conv_general_dilated(x, big, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        x = nn.relu(x + bias)
+        x = nn.max_pool(nn.relu(nn.Conv(32, (3, 3), padding="VALID", name="conv2")(x)), (2, 2), (2, 2))
+        x = nn.relu(nn.Dense(256, name="dense1")(x.reshape(x.shape[0], -1)))
+        return nn.Dense(10, name="dense2")(x)
+
+
+def test_space_to_depth_model_matches_a_strided_convolution():
+    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    ours = models.create("s2d", 10)
+    params = ours.init(jax.random.PRNGKey(0), x)["params"]
+    reference_params = {"kernel1": params["conv1"]["kernel"], "bias1": params["conv1"]["bias"],
+                        **{k: params[k] for k in ("conv2", "dense1", "dense2")}}
+    expected = ReferenceSpaceToDepthCNN().apply({"params": reference_params}, x)
+    for train in (True, False):
+        np.testing.assert_allclose(ours.apply({"params": params}, x, train=train), expected, rtol=1e-5, atol=1e-5)
