@@ -34,6 +34,9 @@ class Conv(nn.Module):
     padding: str = "VALID"  # "VALID" or "SAME"
     kernel_init: Initializer = KERAS_INIT
     use_bias: bool = True  # False before a batch norm, whose own shift replaces it
+    # Build the patches in two steps (the k column shifts, then the k row shifts of those): on XLA:CPU this
+    # made the seed CNN's training step ~8% faster and the "bn" model's ~15% slower. Same numbers either way.
+    patches_by_rows: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
@@ -49,8 +52,11 @@ class Conv(nn.Module):
         n, h, w, _ = x.shape
         oh, ow = h - k + 1, w - k + 1
         # Feature order (di, dj, c) matches kernel.reshape(k * k * cin, features).
-        rows = jnp.concatenate([x[:, :, j:j + ow, :] for j in range(k)], axis=-1)
-        patches = jnp.concatenate([rows[:, i:i + oh] for i in range(k)], axis=-1)
+        if self.patches_by_rows:
+            rows = jnp.concatenate([x[:, :, j:j + ow, :] for j in range(k)], axis=-1)
+            patches = jnp.concatenate([rows[:, i:i + oh] for i in range(k)], axis=-1)
+        else:
+            patches = jnp.concatenate([x[:, i:i + oh, j:j + ow, :] for i in range(k) for j in range(k)], axis=-1)
         y = patches.reshape(n * oh * ow, k * k * cin) @ kernel.reshape(k * k * cin, self.features)
         return y.reshape(n, oh, ow, self.features) + bias
 
@@ -107,7 +113,7 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i, (features, kernel_size) in enumerate(self.convs, 1):
-            x = max_pool(nn.relu(Conv(features, kernel_size, name=f"conv{i}")(x, train)))
+            x = max_pool(nn.relu(Conv(features, kernel_size, patches_by_rows=True, name=f"conv{i}")(x, train)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.dense, kernel_init=KERAS_INIT, name="dense1")(x))
         return nn.Dense(self.num_classes, kernel_init=KERAS_INIT, name="dense2")(x)

@@ -49,13 +49,19 @@ def test_seed_cnn_matches_plain_flax_forward_and_gradient():
 
 
 @pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("patches_by_rows", [False, True])
 @pytest.mark.parametrize("kernel_size,padding,cin", [(3, "VALID", 1), (3, "SAME", 4), (5, "VALID", 3), (5, "SAME", 2)])
-def test_conv_matches_flax_conv(kernel_size, padding, cin, train):
+def test_conv_matches_flax_conv(kernel_size, padding, cin, patches_by_rows, train):
     x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, cin))
-    ours = models.Conv(6, kernel_size, padding)
+    ours = models.Conv(6, kernel_size, padding, patches_by_rows=patches_by_rows)
     params = ours.init(jax.random.PRNGKey(1), x)
     reference = nn.Conv(6, (kernel_size, kernel_size), padding=padding)
     np.testing.assert_allclose(ours.apply(params, x, train), reference.apply(params, x), rtol=1e-5, atol=1e-5)
+    weights = jax.random.normal(jax.random.PRNGKey(2), reference.apply(params, x).shape)
+    grad_ours = jax.grad(lambda p, v: jnp.sum(ours.apply(p, v, train) * weights), argnums=(0, 1))(params, x)
+    grad_ref = jax.grad(lambda p, v: jnp.sum(reference.apply(p, v) * weights), argnums=(0, 1))(params, x)
+    for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (1, 11, 11, 2), (3, 4, 7, 1)])
