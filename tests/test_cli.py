@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -11,19 +12,31 @@ import pytest
 from tests.conftest import REPO
 
 
-def digits_jax(*args, check=True):
+def digits_jax(*args, check=True, env=None):
     result = subprocess.run([sys.executable, "-m", "digits_jax", *args], capture_output=True, text=True, cwd=REPO,
-                            timeout=300)
+                            timeout=300, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f"digits-jax {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, mnist_dir):
+def cli_cache(tmp_path_factory):
+    """XDG_CACHE_HOME for the module's training run, so that its compilation cache can be inspected."""
+    return tmp_path_factory.mktemp("xdg-cache")
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, mnist_dir, cli_cache):
     workdir = tmp_path_factory.mktemp("cli") / "tiny"
-    result = digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"XDG_CACHE_HOME": str(cli_cache)}
+    result = digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir), env=env)
     return workdir, result.stdout
+
+
+def test_train_keeps_compiled_programs_in_the_default_cache(cli_run, cli_cache):
+    cached = [p for p in (cli_cache / "digits_jax" / "xla").rglob("*") if p.is_file()]
+    assert len(cached) >= 2  # at least the state initialisation and the epoch
 
 
 def test_train_prints_line_oriented_progress_when_piped(cli_run):
