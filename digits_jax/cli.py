@@ -165,8 +165,12 @@ def _use_compilation_cache() -> None:
     import jax
 
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-        cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-        jax.config.update("jax_compilation_cache_dir", str(cache_home / "digits_jax" / "xla"))
+        try:
+            cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "digits_jax" / "xla"
+            cache.mkdir(parents=True, exist_ok=True)
+        except (OSError, RuntimeError):  # no home directory, or one we cannot write: run without the cache
+            return
+        jax.config.update("jax_compilation_cache_dir", str(cache))
     if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)  # JAX's 1 s default skips eval steps
 

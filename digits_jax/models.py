@@ -35,7 +35,8 @@ class Conv(nn.Module):
     kernel_init: Initializer = KERAS_INIT
     use_bias: bool = True  # False before a batch norm, whose own shift replaces it
     # Build the patches in two steps (the k column shifts, then the k row shifts of those): on XLA:CPU this
-    # made the seed CNN's training step ~8% faster and the "bn" model's ~15% slower. Same numbers either way.
+    # made the seed CNN's training step ~8% faster and the "bn" model's ~15% slower (the CNN class, so the
+    # seed and fast layouts, uses it). Same numbers either way.
     patches_by_rows: bool = False
 
     @nn.compact
@@ -66,40 +67,34 @@ def _pool_windows(x: jax.Array) -> jax.Array:
     return x[:, :h // 2 * 2, :w // 2 * 2, :].reshape(n, h // 2, 2, w // 2, 2, c)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def max_pool(x: jax.Array) -> jax.Array:
-    """2x2 non-overlapping max-pool of NHWC `x`, odd edges dropped: `nn.max_pool(x, (2, 2), (2, 2))`, gradient
-    included (it goes to the first maximum of each window, in row-major order).
+    """2x2 non-overlapping max-pool of NHWC `x`, odd edges dropped: `nn.max_pool(x, (2, 2), (2, 2))`, derivative
+    included (each window's output follows its first maximum, in row-major order).
 
-    The gradient is written out because `jnp.max`'s own splits it between tied maxima, which costs a
-    count of the ties per window: on XLA:CPU a reduction as slow as the forward pass.
+    The derivative is written out because `jnp.max`'s own splits it between tied maxima, which costs a
+    count of the ties per window: on XLA:CPU a reduction as slow as the forward pass. It is a JVP, so
+    JAX's transpose gives the gradient and forward-mode (`jax.jvp`, `jax.hessian`) works too.
     """
     return _pool_windows(x).max(axis=(2, 4))
 
 
-def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+@max_pool.defjvp
+def _max_pool_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tuple[jax.Array, jax.Array]:
+    (x,), (dx,) = primals, tangents
     y = max_pool(x)
-    return y, (x, y)
-
-
-def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], dy: jax.Array) -> tuple[jax.Array]:
-    x, y = residuals
     windows = _pool_windows(x)
     taken = jnp.zeros(y.shape, bool)
     rows = []
     for i in range(2):
         row = []
         for j in range(2):
-            first = (windows[:, :, i, :, j, :] == y) & ~taken
-            taken |= first
-            row.append(jnp.where(first, dy, 0.0))
+            row.append((windows[:, :, i, :, j, :] == y) & ~taken)
+            taken |= row[-1]
         rows.append(jnp.stack(row, axis=3))
-    n, h, w, c = x.shape
-    dx = jnp.stack(rows, axis=2).reshape(n, h // 2 * 2, w // 2 * 2, c)
-    return (jnp.pad(dx, ((0, 0), (0, h % 2), (0, w % 2), (0, 0))),)
-
-
-max_pool.defvjp(_max_pool_forward, _max_pool_backward)
+    first = jnp.stack(rows, axis=2)  # (N, H/2, 2, W/2, 2, C): True at each window's first maximum
+    # One masked sum, so that its transpose (the gradient) is one masked broadcast.
+    return y, jnp.where(first, _pool_windows(dx), 0.0).sum(axis=(2, 4))
 
 
 class CNN(nn.Module):
@@ -183,7 +178,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "seed": functools.partial(CNN, convs=((32, 3), (64, 3)), dense=128),
     # The layout of a well-known fast PyTorch MNIST recipe, about half the seed's FLOPs.
     "fast": functools.partial(CNN, convs=((24, 5), (32, 3)), dense=256),
-    # Time to 99%: the same work at half resolution; chosen for the fast preset (see config.fast).
+    # Time to 99%: space-to-depth, then two 3x3 convs at half resolution; the fast preset's (see config.fast).
     "s2d": functools.partial(SpaceToDepthCNN, convs=(32, 32), dense=256),
     # For accuracy: 2 x (conv-BN-ReLU x2, pool, dropout) with 32 then 64 channels, dense 256; ~4x the seed's FLOPs.
     "bn": functools.partial(BNCNN, blocks=(32, 64), dense=256, dropout=0.25),

@@ -8,6 +8,9 @@ from pathlib import Path
 # Eight CPU devices, set before JAX starts, so that every training test (num_devices=0: all) runs data-parallel;
 # subprocesses inherit it.
 os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
+# No persistent compilation cache (which the CLI would turn on, in-process too): tests must not depend on
+# what earlier runs left in ~/.cache, nor add to it.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", "")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

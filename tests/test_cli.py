@@ -29,14 +29,16 @@ def cli_cache(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cli_run(tmp_path_factory, mnist_dir, cli_cache):
     workdir = tmp_path_factory.mktemp("cli") / "tiny"
-    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"} | {"XDG_CACHE_HOME": str(cli_cache)}
+    cache_settings = ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS",
+                      "JAX_ENABLE_COMPILATION_CACHE")
+    env = {k: v for k, v in os.environ.items() if k not in cache_settings} | {"XDG_CACHE_HOME": str(cli_cache)}
     result = digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir), env=env)
     return workdir, result.stdout
 
 
 def test_train_keeps_compiled_programs_in_the_default_cache(cli_run, cli_cache):
     cached = [p for p in (cli_cache / "digits_jax" / "xla").rglob("*") if p.is_file()]
-    assert len(cached) >= 2  # at least the state initialisation and the epoch
+    assert cached  # at least the epoch, whose compilation takes seconds
 
 
 def test_train_prints_line_oriented_progress_when_piped(cli_run):

@@ -165,3 +165,12 @@ def test_space_to_depth_model_matches_a_strided_convolution():
     expected = ReferenceSpaceToDepthCNN().apply({"params": reference_params}, x)
     for train in (True, False):
         np.testing.assert_allclose(ours.apply({"params": params}, x, train=train), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_max_pool_forward_mode_matches_flax():
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
+    tangent = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    ours = jax.jvp(models.max_pool, (x,), (tangent,))
+    reference = jax.jvp(lambda v: nn.max_pool(v, (2, 2), (2, 2)), (x,), (tangent,))
+    for a, b in zip(ours, reference, strict=True):
+        np.testing.assert_array_equal(a, b)
