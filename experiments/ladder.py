@@ -43,17 +43,28 @@ def slug(rung: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in rung.strip("+ ")).strip("-")
 
 
+def training_wall_seconds(records: list[dict]) -> float:
+    """Wall seconds a run's training processes took, from its per-epoch records (each record's wall_seconds
+    counts from the start of its process, so a resumed or reused run still gets its whole time)."""
+    total, previous = 0.0, 0.0
+    for record in records:
+        if record["wall_seconds"] < previous:  # a new process took over here
+            total += previous
+        previous = record["wall_seconds"]
+    return total + previous
+
+
 def run_ladder(seeds: int, epochs: int, tiny: bool, root: Path) -> pd.DataFrame:
     """Trains (or reuses) every run of the ladder; one row per (rung, seed) plus one for the ensemble."""
     rows = []
     for rung, rung_config in training_rungs(tiny, epochs):
         for seed in range(seeds):
             workdir = root / f"{slug(rung)}-seed{seed}"
-            start = time.perf_counter()
             train.train_and_evaluate(rung_config.replace(seed=seed), workdir, resume=True)
-            chosen = checkpoint.best_record(checkpoint.read_records(workdir))
+            records = checkpoint.read_records(workdir)
+            chosen = checkpoint.best_record(records)
             rows.append({"rung": rung, "seed": seed, "test_accuracy": chosen["test_accuracy"],
-                         "epoch": chosen["epoch"], "wall_seconds": time.perf_counter() - start,
+                         "epoch": chosen["epoch"], "wall_seconds": training_wall_seconds(records),
                          "workdir": str(workdir)})
     ema_runs = [r for r in rows if r["rung"] == "+ EMA"]
     test = data.load(training_rungs(tiny, epochs)[-1][1])["test"]

@@ -45,3 +45,15 @@ def test_ladder_summary_against_numpy():
         assert row["std"] == round(100 * np.std(values, ddof=1), 2)
         assert row["best"] == round(100 * max(values), 2)
         assert row["wall s (mean)"] == np.mean([10.0 * (i + 1) for i in range(len(values))])
+
+
+def test_ladder_wall_time_adds_up_the_processes_of_a_resumed_run():
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        from ladder import training_wall_seconds
+    finally:
+        sys.path.pop(0)
+    # Epochs 1-3 in one process (10, 20, 30 s), then resumed: epochs 4-5 at 12 and 22 s of the new process.
+    records = [{"wall_seconds": w} for w in (10.0, 20.0, 30.0, 12.0, 22.0)]
+    assert training_wall_seconds(records) == 52.0
+    assert training_wall_seconds(records[:3]) == 30.0
