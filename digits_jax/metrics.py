@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import jax
@@ -38,8 +39,8 @@ def batch(losses: jax.Array, logits: jax.Array, labels: jax.Array, mask: jax.Arr
 
 
 def merge(a: Metrics, b: Metrics) -> Metrics:
-    """Adds two metric sums."""
-    return jax.tree.map(jnp.add, a, b)
+    """Adds two metric sums: device arrays on the device, NumPy arrays on the host."""
+    return jax.tree.map(operator.add, a, b)
 
 
 def compute(m: Metrics) -> dict[str, Any]:

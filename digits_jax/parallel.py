@@ -11,7 +11,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
@@ -96,11 +95,10 @@ def put(tree: Any, shardings: Any) -> Any:
         shardings = jax.tree.map(lambda _: shardings, tree)
 
     def one(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
-        if isinstance(value, jax.Array) and value.is_fully_addressable and sharding.is_fully_addressable:
-            # Copy first: device_put may hand back the input's own buffer as one shard of the result (even with
-            # may_alias=False), and donating the result would then delete the caller's array.
-            return jax.device_put(jnp.copy(value), sharding)
-        host = np.asarray(value)
+        # Device arrays go through a host copy: device_put may hand back the input's own buffer as one shard of
+        # the result (even with may_alias=False), so donating the result would delete the caller's array; and a
+        # copy on the device compiles a program per shape (start-up time).
+        host = np.array(value) if isinstance(value, jax.Array) else np.asarray(value)
         return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
     return jax.tree.map(one, tree, shardings)

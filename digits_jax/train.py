@@ -78,20 +78,26 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
     options = TrainOptions(label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
                            augment=augment.PRESETS[config.augment])
 
-    init_key, rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    variables = _init_variables(model, init_key, tuple(image_shape))
+    variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
     params = variables.pop("params")
-    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, epoch=jnp.zeros((), jnp.int32),
-                              rng=rng, model_state=variables, options=options,
-                              ema_params=jax.tree.map(jnp.copy, params) if config.ema_decay else None)
-    return state.replace(step=jnp.zeros((), jnp.int32))  # an array, like every other leaf of the state
+    opt_state, ema_params = _init_optimizer(tx, params, bool(config.ema_decay))
+    # Counters from NumPy: made with jnp, each would be one more small compile at start-up.
+    return TrainState(step=jnp.asarray(np.zeros((), np.int32)), apply_fn=model.apply, params=params, tx=tx,
+                      opt_state=opt_state, epoch=jnp.asarray(np.zeros((), np.int32)), rng=rng, model_state=variables,
+                      options=options, ema_params=ema_params)
 
 
-# One compiled program per (model, shape), shared by every call: run op by op, the random initialisation took
-# ~2.5 s of a 16 s fast run's start-up; a closure jitted per call compiled it again each time.
+# Start-up is dominated by compiles: run op by op, each distinct operation and shape compiles a small program
+# (~20 ms each; ~2.5 s in all for the model's random initialisation). So initialisation is one program per
+# (model, image shape), shared by every call, and the optimizer's is one program per call.
 @functools.partial(jax.jit, static_argnames=("model", "image_shape"))
-def _init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> dict[str, Any]:
-    return dict(model.init(key, jnp.zeros((1, *image_shape), jnp.float32), train=False))
+def _init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> tuple[dict[str, Any], jax.Array]:
+    init_key, rng = jax.random.split(key)
+    return dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)), rng
+
+
+def _init_optimizer(tx: optax.GradientTransformation, params: Any, ema: bool) -> tuple[Any, Any]:
+    return jax.jit(lambda p: (tx.init(p), jax.tree.map(jnp.copy, p) if ema else None))(params)
 
 
 def preprocess(images: jax.Array) -> jax.Array:
@@ -213,6 +219,21 @@ def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, 
     return metrics.batch(losses, log_p, batch["label"], mask)
 
 
+@functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "tta_shift", "mesh"))
+def _eval_slice(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: Batch, begin: jax.Array,
+                count: jax.Array, batch_size: int, tta_shift: int, mesh: jax.sharding.Mesh | None) -> metrics.Metrics:
+    """`eval_step` on rows [begin, begin + batch_size) of the first `count` rows of `eval_data`. A batch that would
+    run past the end of the (padded) arrays ends at their end instead, its rows before `begin` (counted by the
+    batch before) masked, so no copy of the data is ever padded."""
+    start = jnp.minimum(begin, eval_data["label"].shape[0] - batch_size)
+    batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, batch_size), eval_data)
+    rows = start + jnp.arange(batch_size)
+    mask = (rows >= begin) & (rows < count)
+    if mesh is not None:
+        batch, mask = jax.lax.with_sharding_constraint((batch, mask), parallel.batch_sharding(mesh))
+    return eval_step(apply_fn, variables, batch, mask, tta_shift)
+
+
 def padded_batches(arrays: dict[str, Any], batch_size: int) -> Iterator[tuple[dict[str, Any], int]]:
     """Consecutive `batch_size`-row slices of equally long (N, ...) arrays, the last one zero-padded so that
     every batch has one compiled shape; yields (batch, number of real rows)."""
@@ -241,7 +262,7 @@ class EvalResult:
 
 def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict[str, Any],
              batch_size: int = 1000, mesh: jax.sharding.Mesh | None = None, tta_shift: int = 0) -> EvalResult:
-    """Evaluates every example of `eval_data` on the device; the last batch is padded and masked.
+    """Evaluates every example of `eval_data` on the device, in batches of one compiled shape (see `_eval_slice`).
 
     Args:
       apply_fn: `model.apply`, called as apply_fn(variables, images, train=False) -> (B, C) logits.
@@ -254,19 +275,25 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
     Returns:
       EvalResult: accuracy (fraction of all N), mean loss, count N, (C, C) int confusion, per-class accuracy.
     """
+    n = len(eval_data["label"])
+    if n == 0:
+        raise ValueError("evaluate() needs at least one example")
     if mesh is not None:
         batch_size = -(-batch_size // mesh.size) * mesh.size  # padding is masked, so any size is exact
-    sums = None
-    # One compiled step shared by every split; a short host loop over ~10 batches costs nothing.
-    for batch, size in padded_batches(eval_data, batch_size):
-        mask = jnp.arange(batch_size) < size
-        if mesh is not None:
-            batch, mask = parallel.put((batch, mask), parallel.batch_sharding(mesh))
-        step_sums = eval_step(apply_fn, variables, batch, mask, tta_shift)
+    if n < batch_size:  # pad once so that every batch is a full slice of the data
+        eval_data = {k: np.pad(np.asarray(v), [(0, batch_size - n)] + [(0, 0)] * (np.ndim(v) - 1))
+                     for k, v in eval_data.items()}
+    if mesh is None:
+        eval_data = jax.device_put(eval_data)  # once, not per batch; device arrays stay where they are
+    elif any(getattr(v, "sharding", None) != parallel.replicated(mesh) for v in eval_data.values()):
+        eval_data = parallel.put(eval_data, parallel.replicated(mesh))
+    sums: metrics.Metrics | None = None
+    # One compiled program slices, masks and evaluates a batch; a short host loop over ~10 batches costs nothing.
+    for begin in range(0, n, batch_size):
+        step_sums = parallel.to_host(_eval_slice(apply_fn, variables, eval_data, np.int32(begin), np.int32(n),
+                                                 batch_size, tta_shift, mesh))
         sums = step_sums if sums is None else metrics.merge(sums, step_sums)
-    if sums is None:
-        raise ValueError("evaluate() needs at least one example")
-    sums = parallel.to_host(sums)
+    assert sums is not None
     summary = metrics.compute(sums)
     return EvalResult(accuracy=summary["accuracy"], loss=summary["loss"], count=summary["count"],
                       confusion=np.asarray(sums["confusion"]))
@@ -284,9 +311,14 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN or Inf; the run stops and keeps its last good checkpoint."""
 
 
+@jax.jit  # one program rather than a small compile per parameter shape
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.isfinite(leaf).all() for leaf in jax.tree.leaves(tree)]))
+
+
 def _check_finite(state: TrainState, sums: metrics.Metrics, workdir: Path) -> None:
     bad_steps = int(sums["nonfinite"])
-    params_finite = bool(jax.tree.reduce(jnp.logical_and, jax.tree.map(lambda a: jnp.isfinite(a).all(), state.params)))
+    params_finite = bool(_all_finite(state.params))
     if bad_steps == 0 and params_finite:
         return
     epoch, steps = int(state.epoch), int(sums["steps"])
