@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -48,9 +49,11 @@ def test_per_class_accuracy():
     np.testing.assert_allclose(metrics.per_class_accuracy(confusion), [0.75, np.nan, 0.5])
 
 
+@pytest.mark.parametrize("on_device", [False, True])
 @pytest.mark.parametrize("n,batch_size", [(10, 4), (8, 8), (3, 16)])
-def test_evaluate_counts_every_example_and_matches_numpy(n, batch_size):
-    """Evaluation pads the last batch; padding must not change any number."""
+def test_evaluate_counts_every_example_and_matches_numpy(n, batch_size, on_device):
+    """The last batch overlaps the one before it (or, below one batch, is padded); masking its repeated or
+    padded rows must leave every number as NumPy computes it, for host and device data alike."""
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (n, 4, 4, 1)).astype(np.uint8)
     labels = rng.integers(0, 3, n).astype(np.int32)
@@ -59,7 +62,9 @@ def test_evaluate_counts_every_example_and_matches_numpy(n, batch_size):
     def apply_fn(variables, x, train):
         return x.reshape(x.shape[0], -1) @ variables["params"]["w"]
 
-    result = train.evaluate(apply_fn, {"params": {"w": weights}}, {"image": images, "label": labels}, batch_size)
+    split = {"image": images, "label": labels}
+    result = train.evaluate(apply_fn, {"params": {"w": weights}}, jax.device_put(split) if on_device else split,
+                            batch_size)
     logits = (images.reshape(n, -1).astype(np.float32) / 255.0) @ weights
     accuracy, loss, confusion = numpy_reference(logits, labels)
     assert result.count == n
