@@ -222,9 +222,9 @@ def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "batch_size", "tta_shift", "mesh"))
 def _eval_slice(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: Batch, begin: jax.Array,
                 count: jax.Array, batch_size: int, tta_shift: int, mesh: jax.sharding.Mesh | None) -> metrics.Metrics:
-    """`eval_step` on rows [begin, begin + batch_size) of the first `count` rows of `eval_data`. A batch that would
-    run past the end of the (padded) arrays ends at their end instead, its rows before `begin` (counted by the
-    batch before) masked, so no copy of the data is ever padded."""
+    """`eval_step` on rows [begin, begin + batch_size) of the first `count` rows of `eval_data` (rows from `count` on
+    are padding, masked). A batch that would run past the end of the arrays ends at their end instead, its rows
+    before `begin` (counted by the batch before) masked: data of at least one batch is never padded."""
     start = jnp.minimum(begin, eval_data["label"].shape[0] - batch_size)
     batch = jax.tree.map(lambda a: jax.lax.dynamic_slice_in_dim(a, start, batch_size), eval_data)
     rows = start + jnp.arange(batch_size)
@@ -287,13 +287,10 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
         eval_data = jax.device_put(eval_data)  # once, not per batch; device arrays stay where they are
     elif any(getattr(v, "sharding", None) != parallel.replicated(mesh) for v in eval_data.values()):
         eval_data = parallel.put(eval_data, parallel.replicated(mesh))
-    sums: metrics.Metrics | None = None
     # One compiled program slices, masks and evaluates a batch; a short host loop over ~10 batches costs nothing.
-    for begin in range(0, n, batch_size):
-        step_sums = parallel.to_host(_eval_slice(apply_fn, variables, eval_data, np.int32(begin), np.int32(n),
-                                                 batch_size, tta_shift, mesh))
-        sums = step_sums if sums is None else metrics.merge(sums, step_sums)
-    assert sums is not None
+    sums = functools.reduce(metrics.merge, (
+        parallel.to_host(_eval_slice(apply_fn, variables, eval_data, np.int32(begin), np.int32(n), batch_size,
+                                     tta_shift, mesh)) for begin in range(0, n, batch_size)))
     summary = metrics.compute(sums)
     return EvalResult(accuracy=summary["accuracy"], loss=summary["loss"], count=summary["count"],
                       confusion=np.asarray(sums["confusion"]))
