@@ -97,9 +97,24 @@ def _max_pool_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tupl
     return y, jnp.where(first, _pool_windows(dx), 0.0).sum(axis=(2, 4))
 
 
+def used_extent(side: int, convs: Sequence[tuple[int, int]]) -> int:
+    """How many of `side` input rows (or columns) reach the output of a stack of (features, k) VALID k x k
+    convolutions, each followed by a 2x2 max-pool that drops an odd last row and column."""
+    for _, k in convs:
+        side = (side - k + 1) // 2
+    for _, k in reversed(convs):
+        side = 2 * side + k - 1
+    return side
+
+
 class CNN(nn.Module):
     """Per entry (features, kernel size) of `convs`: a VALID convolution, ReLU and 2x2 max-pool; then a
-    ReLU dense layer of `dense` units and the `num_classes` logits."""
+    ReLU dense layer of `dense` units and the `num_classes` logits.
+
+    Input rows and columns that no output depends on are cropped first (the seed CNN's last 2 of 28: its
+    pools drop the odd last row and column of 26 and of 11), so no convolution computes values that a pool
+    throws away: 16% fewer FLOPs per image, the same logits and gradients.
+    """
 
     convs: Sequence[tuple[int, int]] = ((32, 3), (64, 3))
     dense: int = 128
@@ -107,6 +122,7 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+        x = x[:, :used_extent(x.shape[1], self.convs), :used_extent(x.shape[2], self.convs)]
         for i, (features, kernel_size) in enumerate(self.convs, 1):
             x = max_pool(nn.relu(Conv(features, kernel_size, patches_by_rows=True, name=f"conv{i}")(x, train)))
         x = x.reshape(x.shape[0], -1)

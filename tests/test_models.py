@@ -31,6 +31,26 @@ def test_seed_cnn_parameter_shapes_and_count():
     assert sum(p.size for p in jax.tree.leaves(params)) == expected == 225_034
 
 
+@pytest.mark.parametrize(("side", "convs", "expected"), [
+    (28, ((32, 3), (64, 3)), 26),  # seed: 28 -> 26 -> 13 -> 11 -> 5 uses 26 -> 24 -> 12 -> 10 -> 5
+    (28, ((24, 5), (32, 3)), 28),  # "fast": 28 -> 24 -> 12 -> 10 -> 5, nothing dropped
+    (29, ((8, 3),), 28),
+    (7, ((8, 3), (8, 3)), 6),
+])
+def test_used_extent(side, convs, expected):
+    assert models.used_extent(side, convs) == expected
+
+
+def test_pixels_the_seed_cnn_crops_do_not_reach_the_plain_flax_model_output():
+    # Independent of our CNN: the plain flax model's logits do not depend on the last 2 rows and columns.
+    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 28, 28, 1))
+    reference = ReferenceSeedCNN()
+    params = reference.init(jax.random.PRNGKey(0), x)
+    jacobian = jax.jacobian(lambda v: reference.apply(params, v))(x)  # (2, 10, 2, 28, 28, 1)
+    assert np.abs(jacobian[..., :26, :26, :]).max() > 0
+    assert np.all(jacobian[..., 26:, :, :] == 0) and np.all(jacobian[..., :, 26:, :] == 0)
+
+
 def test_seed_cnn_matches_plain_flax_forward_and_gradient():
     x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
     ours = models.create("seed", 10)
