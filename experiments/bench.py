@@ -37,7 +37,7 @@ from digits_jax import config as config_lib
 from digits_jax import data, models, optim, parallel, train
 
 # The seed CNN's nominal training cost, 15.79 M, as ../shared/peers counts it. Ours computes 16% less (it skips the
-# rows and columns its pools drop: see models.CNN), so its GFLOP/s are nominal FLOPs per second, comparable to the peers'.
+# rows and columns its pools drop: see models.CNN), so its GFLOP/s are nominal FLOPs per second, as the peers' are.
 TRAIN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 1600 * 128 + 128 * 10)
 
 
