@@ -35,7 +35,7 @@ def test_seed_cnn_parameter_shapes_and_count():
     (28, ((32, 3), (64, 3)), 26),  # seed: 28 -> 26 -> 13 -> 11 -> 5 uses 26 -> 24 -> 12 -> 10 -> 5
     (28, ((24, 5), (32, 3)), 28),  # "fast": 28 -> 24 -> 12 -> 10 -> 5, nothing dropped
     (29, ((8, 3),), 28),
-    (7, ((8, 3), (8, 3)), 6),
+    (12, ((8, 3), (8, 3)), 10),  # 12 -> 10 -> 5 -> 3 -> 1: the second pool drops its odd row
 ])
 def test_used_extent(side, convs, expected):
     assert models.used_extent(side, convs) == expected
