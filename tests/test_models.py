@@ -72,12 +72,15 @@ def test_seed_cnn_matches_plain_flax_forward_and_gradient():
 
 @pytest.mark.parametrize("train", [True, False])
 @pytest.mark.parametrize("patches_by_rows", [False, True])
-@pytest.mark.parametrize("kernel_size,padding,cin", [(3, "VALID", 1), (3, "SAME", 4), (5, "VALID", 3), (5, "SAME", 2)])
-def test_conv_matches_flax_conv(kernel_size, padding, cin, patches_by_rows, train):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 12, 10, cin))
-    ours = models.Conv(6, kernel_size, padding, patches_by_rows=patches_by_rows)
+@pytest.mark.parametrize("kernel_size,padding,strides,cin", [
+    (3, "VALID", 1, 1), (3, "SAME", 1, 4), (5, "VALID", 1, 3), (5, "SAME", 1, 2),
+    # 11 x 10 images: SAME with stride 2 pads 2 + 2 rows and 1 + 2 columns; VALID leaves the last row unused.
+    (5, "SAME", 2, 2), (3, "VALID", 2, 3)])
+def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches_by_rows, train):
+    x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 10, cin))
+    ours = models.Conv(6, kernel_size, padding, strides, patches_by_rows=patches_by_rows)
     params = ours.init(jax.random.PRNGKey(1), x)
-    reference = nn.Conv(6, (kernel_size, kernel_size), padding=padding)
+    reference = nn.Conv(6, (kernel_size, kernel_size), strides=strides, padding=padding)
     np.testing.assert_allclose(ours.apply(params, x, train), reference.apply(params, x), rtol=1e-5, atol=1e-5)
     weights = jax.random.normal(jax.random.PRNGKey(2), reference.apply(params, x).shape)
     grad_ours = jax.grad(lambda p, v: jnp.sum(ours.apply(p, v, train) * weights), argnums=(0, 1))(params, x)
@@ -112,11 +115,31 @@ class ReferenceBNCNN(nn.Module):
         return nn.Dense(10, name="dense2")(x)
 
 
-def test_bn_model_matches_plain_flax_in_both_modes():
+class ReferenceStridedCNN(nn.Module):
+    """The "strided" model with plain flax layers (nn.Conv with strides and SAME padding)."""
+
+    @nn.compact
+    def __call__(self, x, train=False):
+        def conv_bn_relu(x, features, kernel_size, name, **conv):
+            x = nn.Conv(features, (kernel_size, kernel_size), use_bias=False, name=f"conv{name}", **conv)(x)
+            return nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name=f"bn{name}")(x))
+
+        for i, features in enumerate((32, 64), 1):
+            x = conv_bn_relu(x, features, 3, f"{i}_1", padding="VALID")
+            x = conv_bn_relu(x, features, 3, f"{i}_2", padding="VALID")
+            x = conv_bn_relu(x, features, 5, f"{i}_3", padding="SAME", strides=(2, 2))
+        assert x.shape[1:] == (4, 4, 64)
+        x = nn.Dense(128, use_bias=False, name="dense1")(x.reshape(x.shape[0], -1))
+        x = nn.relu(nn.BatchNorm(use_running_average=not train, momentum=0.9, name="bn_dense")(x))
+        return nn.Dense(10, name="dense2")(x)
+
+
+@pytest.mark.parametrize("name,reference", [("bn", ReferenceBNCNN), ("strided", ReferenceStridedCNN)])
+def test_batch_norm_models_match_plain_flax_in_both_modes(name, reference):
     x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
-    ours = models.create("bn", 10).clone(dropout=0.0)  # dropout off: the reference has none
+    ours = models.create(name, 10).clone(dropout=0.0)  # dropout off: the reference has none
     variables = ours.init(jax.random.PRNGKey(0), x)
-    reference = ReferenceBNCNN()
+    reference = reference()
     assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference.init(jax.random.PRNGKey(0), x))
     ours_train, ours_stats = ours.apply(variables, x, train=True, mutable=["batch_stats"])
     ref_train, ref_stats = reference.apply(variables, x, train=True, mutable=["batch_stats"])
