@@ -9,7 +9,9 @@ import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from digits_jax import checkpoint
 from tests.conftest import REPO
 
 
@@ -57,3 +59,22 @@ def test_ladder_wall_time_adds_up_the_processes_of_a_resumed_run():
     records = [{"wall_seconds": w} for w in (10.0, 20.0, 30.0, 12.0, 22.0)]
     assert training_wall_seconds(records) == 52.0
     assert training_wall_seconds(records[:3]) == 30.0
+
+
+def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_path, tiny_config):
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        from best import train_blind
+    finally:
+        sys.path.pop(0)
+    workdir = str(tmp_path / "run")
+    chosen = train_blind(tiny_config, workdir)
+    records = checkpoint.read_records(workdir)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert all("validation_accuracy" in r and "test_accuracy" not in r for r in records)
+    assert chosen.epoch == checkpoint.best_record(records)["epoch"]
+    saved = (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns
+    assert train_blind(tiny_config, workdir).epoch == chosen.epoch  # finished: restored, not trained again
+    assert (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns == saved
+    with pytest.raises(ValueError, match=r"config fields \['learning_rate'\] differ"):
+        train_blind(tiny_config.replace(learning_rate=0.5), workdir)
