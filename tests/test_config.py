@@ -12,7 +12,7 @@ from digits_jax import config
     ({"epochs": -1}, r"config.epochs = -1"),
     ({"learning_rate": -0.1}, r"config.learning_rate = -0.1: must be > 0"),
     ({"learning_rate": 0.0}, r"config.learning_rate = 0.0: must be > 0"),
-    ({"model": "resnet"}, r"config.model = 'resnet': choose one of \['bn', 'fast', 's2d', 'seed'\]"),
+    ({"model": "resnet"}, r"config.model = 'resnet': choose one of \['bn', 'fast', 's2d', 'seed', 'strided'\]"),
     ({"optimizer": "lion"}, r"config.optimizer = 'lion'"),
     ({"schedule": "step"}, r"config.schedule = 'step'"),
     ({"train_limit": 0}, r"config.train_limit = 0"),
