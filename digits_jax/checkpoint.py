@@ -36,7 +36,7 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint.checkpoint_managers import preservation_policy as policies
 
 from digits_jax import models, optim, parallel
-from digits_jax.config import PLACEMENT_FIELDS, Config
+from digits_jax.config import Config
 
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
@@ -115,8 +115,7 @@ class RunDir:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
                                   "pass --resume to continue it, or choose a new --workdir")
         saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
-        changed = [f.name for f in dataclasses.fields(Config)
-                   if f.name not in PLACEMENT_FIELDS and getattr(saved, f.name) != getattr(self.config, f.name)]
+        changed = saved.changed_fields(self.config)
         if changed:
             raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
                              "config.json; resume with the same config or start a new --workdir")

@@ -92,6 +92,12 @@ class Config:
             raise ValueError(f"config.augment = {self.augment!r}: choose one of {sorted(AUGMENTS)}")
         return self
 
+    def changed_fields(self, other: Config) -> list[str]:
+        """Names of the fields, placement ones (PLACEMENT_FIELDS) aside, whose values differ in `other`: what
+        would make a run of `other` compute something else than a run of self."""
+        return [f.name for f in dataclasses.fields(self)
+                if f.name not in PLACEMENT_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
+
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)
 

@@ -12,6 +12,7 @@ often for averaging them to help much; models of other layouts make other mistak
 import argparse
 import json
 import time
+from pathlib import Path
 
 from best import run_dir, train_blind
 
@@ -29,16 +30,16 @@ def main() -> None:
     configs = [config.best().replace(model=model, seed=seed).with_overrides(args.set)
                for model in args.models for seed in range(args.seeds)]
     workdirs = [run_dir(c) for c in configs]
-    restored = [train_blind(c, w) for c, w in zip(configs, workdirs, strict=True)]
+    splits = data.load(configs[0])  # the data fields are the recipe's, the same for every member
+    restored = [train_blind(c, w, splits) for c, w in zip(configs, workdirs, strict=True)]
     members = [(r.state.apply_fn, r.state.variables) for r in restored]
     run_config = restored[0].config
-    splits = data.load(run_config)
     result = {split: ensemble.evaluate(members, splits[split], args.method, run_config.eval_batch_size,
                                        run_config.tta_shift) for split in ("validation", "test")}
     test = result["test"]
     print(f"ensemble of {len(members)} ({args.method}): test accuracy {100 * test['accuracy']:.2f}% "
           f"(validation {100 * result['validation']['accuracy']:.2f}%); members "
-          + ", ".join(f"{w.split('/')[-1]} {100 * a:.2f}%" for w, a in zip(workdirs, test["member_accuracies"],
+          + ", ".join(f"{Path(w).name} {100 * a:.2f}%" for w, a in zip(workdirs, test["member_accuracies"],
                                                                           strict=True))
           + f"; {time.perf_counter() - start:.0f} s wall")
     print(json.dumps({"members": workdirs, "epochs": [r.epoch for r in restored], **result}))

@@ -61,3 +61,9 @@ def test_json_round_trip_and_unknown_keys():
 def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown config 'huge'"):
         config.get("huge")
+
+
+def test_changed_fields_names_what_differs_except_placement():
+    base = config.default()
+    assert base.changed_fields(base.replace(num_devices=2, shard_params=True)) == []
+    assert base.changed_fields(base.replace(learning_rate=0.5, seed=3, num_devices=2)) == ["learning_rate", "seed"]

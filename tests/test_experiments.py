@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digits_jax import checkpoint
+from digits_jax import checkpoint, data
 from tests.conftest import REPO
 
 
@@ -68,13 +68,14 @@ def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_p
     finally:
         sys.path.pop(0)
     workdir = str(tmp_path / "run")
-    chosen = train_blind(tiny_config, workdir)
+    splits = data.load(tiny_config)
+    chosen = train_blind(tiny_config, workdir, splits)
     records = checkpoint.read_records(workdir)
     assert [r["epoch"] for r in records] == [1, 2]
     assert all("validation_accuracy" in r and "test_accuracy" not in r for r in records)
     assert chosen.epoch == checkpoint.best_record(records)["epoch"]
     saved = (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns
-    assert train_blind(tiny_config, workdir).epoch == chosen.epoch  # finished: restored, not trained again
+    assert train_blind(tiny_config, workdir, splits).epoch == chosen.epoch  # finished: restored, not trained again
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns == saved
     with pytest.raises(ValueError, match=r"config fields \['learning_rate'\] differ"):
-        train_blind(tiny_config.replace(learning_rate=0.5), workdir)
+        train_blind(tiny_config.replace(learning_rate=0.5), workdir, splits)

@@ -144,7 +144,7 @@ def test_two_processes_on_localhost_train_as_one_job(tmp_path, mnist_dir, tiny_c
     one = runs["one"][1]
     assert train.evaluate(restored.state.apply_fn, restored.state.variables, test).accuracy == \
         restored.record["test_accuracy"] == train.evaluate(one.apply_fn, one.variables, test).accuracy
-    for a, b in zip(jax.tree.leaves(restored.state.params), jax.tree.leaves(runs["one"][1].params), strict=True):
+    for a, b in zip(jax.tree.leaves(restored.state.params), jax.tree.leaves(one.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
