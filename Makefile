@@ -68,8 +68,8 @@ chaos: setup  ## SIGKILL training at random moments and damage checkpoints; resu
 runs: setup  ## compare every run under runs/
 	$(PY) -m digits_jax runs runs/*
 
-test: setup lint
-	$(PY) -m pytest -q $(ARGS)
+test: setup lint  ## the suite on every core (pytest-xdist); ARGS="-n 0" runs it in one process
+	$(PY) -m pytest -q -n auto $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check digits_jax tests experiments
