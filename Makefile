@@ -50,7 +50,7 @@ fonts: setup  ## typeset digits from 8 fonts through preprocess + predict (exper
 best: setup  ## the best single-model recipe (config best), test accuracy of the epoch chosen on validation
 	$(PY) experiments/best.py $(ARGS)
 
-ensemble: setup  ## the best recipe with models bn and strided, 3 seeds each, probabilities averaged
+ensemble: setup  ## the best recipe with 3 seeds (ARGS="--models bn strided" adds a model), probabilities averaged
 	$(PY) experiments/ensemble.py $(ARGS)
 
 ladder: setup  ## seed -> architecture -> augmentation -> schedule -> EMA -> TTA -> ensemble, 3 seeds per rung

@@ -6,7 +6,7 @@ reports the test accuracy of the epoch that the validation split picks, and the 
 The recipe: the "bn" CNN (2 x conv-BN-ReLU pairs with 32 and 64 channels, pooling, dropout 0.25, dense 256),
 affine augmentation on the device (rotation, scale, shear, translation), one-cycle Adam 2e-3, label
 smoothing 0.1, an EMA (0.999) of the weights for evaluation and test-time augmentation over 1-pixel shifts;
-15 epochs of batch 128 on 55,000 images, the last 5,000 training images held out for choosing the
+22 epochs of batch 128 on 55,000 images, the last 5,000 training images held out for choosing the
 checkpoint. The test set is evaluated once, on the checkpoint that the validation split picks.
 """
 

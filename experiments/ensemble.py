@@ -1,12 +1,13 @@
 """The best ensemble: the best single-model recipe trained with several seeds and models, probabilities averaged.
 
-    make ensemble                  # = .venv/bin/python experiments/ensemble.py [--models bn strided] [--seeds 3]
+    make ensemble                  # = .venv/bin/python experiments/ensemble.py [--models bn] [--seeds 3]
 
 Members are `config.best()` with each model of --models and seeds 0..N-1, in the directories of
 `make best` (runs/best-{model}-seed{i}): runs already finished are reused, interrupted ones finished, both
 without looking at the test set. Each member contributes its checkpoint picked by validation accuracy; the
 ensemble is scored on the validation split and then once on the test set. Members of one recipe agree too
-often for averaging them to help much; models of other layouts make other mistakes.
+often for averaging them to help much. `--models bn strided` adds the no-pooling CNN (1.7x the time per epoch); on
+validation, bn + strided (15 epochs, seed 0 each) scored 99.72%, no more than strided alone.
 """
 
 import argparse
@@ -21,7 +22,7 @@ from digits_jax import config, data, ensemble, models
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["bn", "strided"], choices=sorted(models.MODELS))
+    parser.add_argument("--models", nargs="+", default=["bn"], choices=sorted(models.MODELS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of each model")
     parser.add_argument("--method", default="mean", choices=ensemble.METHODS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
