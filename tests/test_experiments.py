@@ -3,6 +3,7 @@ against NumPy."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -79,3 +80,30 @@ def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_p
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns == saved
     with pytest.raises(ValueError, match=r"config fields \['learning_rate'\] differ"):
         train_blind(tiny_config.replace(learning_rate=0.5), workdir, splits)
+
+
+def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_path, mnist_dir):
+    tiny = ["--set", "train_limit=256", "--set", "validation_size=0", "--set", "epochs=2", "--set", "batch_size=64",
+            "--set", "tta_shift=0", "--set", f"data_dir={mnist_dir}"]
+    env = os.environ | {"XLA_FLAGS": ""}
+
+    def run(script: str, *args: str) -> list[str]:
+        result = subprocess.run([sys.executable, str(REPO / "experiments" / script), *args, *tiny], cwd=tmp_path,
+                                capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout.splitlines()
+
+    best = run("best.py")
+    workdir = tmp_path / "runs" / "best-bn-full-seed0"
+    summary = json.loads(best[-1])
+    assert summary["workdir"] == "runs/best-bn-full-seed0" and summary["chosen_epoch"] == 2
+    assert summary["validation_accuracy"] is None and "the last epoch" in best[-2]
+    records = checkpoint.read_records(workdir)
+    assert [r["epoch"] for r in records] == [1, 2] and not any("validation_accuracy" in r for r in records)
+    saved = (workdir / "metrics.jsonl").stat().st_mtime_ns
+    ensemble = run("ensemble.py", "--seeds", "1")
+    result = json.loads(ensemble[-1])
+    assert result["epochs"] == [2] and "validation" not in result and "no validation split" in ensemble[-2]
+    assert (workdir / "metrics.jsonl").stat().st_mtime_ns == saved  # the finished run is reused, not retrained
+    # The same checkpoint through the ensemble's batching: at most a near-tie's argmax may differ.
+    assert result["test"]["member_accuracies"][0] == pytest.approx(summary["test_accuracy"], abs=2e-4)
