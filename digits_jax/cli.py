@@ -10,10 +10,12 @@ import warnings
 from pathlib import Path
 from typing import TextIO
 
+import numpy as np
 from absl import logging as absl_logging
 
 from digits_jax import config as config_lib
 from digits_jax.checkpoint import RunInUseError
+from digits_jax.ensemble import METHODS
 from digits_jax.train import NonFiniteError
 
 
@@ -32,13 +34,16 @@ def _train(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> int:
     from digits_jax import checkpoint, data, train
 
-    restored = checkpoint.restore(args.checkpoint, step=args.step)
+    if len(args.checkpoint) > 1:
+        return _eval_ensemble(args)
+    path = args.checkpoint[0]
+    restored = checkpoint.restore(path, step=args.step)
     config = restored.config.replace(data_dir=args.data_dir) if args.data_dir else restored.config
     split = data.load(config)[args.split]
     result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size,
                             tta_shift=config.tta_shift)
     recorded = restored.record.get(f"{args.split}_accuracy")
-    report = {"checkpoint": str(args.checkpoint), "epoch": restored.epoch, "split": args.split,
+    report = {"checkpoint": str(path), "epoch": restored.epoch, "split": args.split,
               "count": result.count, "accuracy": result.accuracy, "loss": result.loss,
               "recorded_accuracy": recorded, "per_class_accuracy": result.per_class_accuracy.tolist()}
     if args.json:
@@ -46,11 +51,41 @@ def _eval(args: argparse.Namespace) -> int:
         return 0
     match = "" if recorded is None else (" (matches the accuracy recorded at save time)" if recorded == result.accuracy
                                          else f" (recorded at save time: {100 * recorded:.2f}%)")
-    print(f"{args.checkpoint}, epoch {restored.epoch}: {args.split} accuracy {100 * result.accuracy:.2f}% "
+    print(f"{path}, epoch {restored.epoch}: {args.split} accuracy {100 * result.accuracy:.2f}% "
           f"on {result.count} images{match}, mean loss {result.loss:.4f}")
     print("per-class accuracy: " + "  ".join(f"{c}: {100 * a:.1f}%" for c, a in enumerate(result.per_class_accuracy)))
     print("confusion (rows true, columns predicted):")
     print(result.confusion)
+    return 0
+
+
+def _eval_ensemble(args: argparse.Namespace) -> int:
+    from digits_jax import checkpoint, data, ensemble
+
+    restored = [checkpoint.restore(path, step=args.step) for path in args.checkpoint]
+    configs = [r.config.replace(data_dir=args.data_dir) if args.data_dir else r.config for r in restored]
+    loaded: dict[tuple[object, ...], dict[str, np.ndarray]] = {}  # each distinct data config read once
+    splits = []
+    for config in configs:
+        key = (config.dataset, config.data_dir, config.validation_size, config.train_limit)
+        if key not in loaded:
+            loaded[key] = data.load(config)[args.split]
+        splits.append(loaded[key])
+    for path, split in zip(args.checkpoint[1:], splits[1:], strict=True):
+        if not all(np.array_equal(split[k], splits[0][k]) for k in ("image", "label")):
+            raise ValueError(f"{path} was trained with another {args.split} split than {args.checkpoint[0]} (their "
+                             "data configs differ): ensemble runs that share the split, or evaluate --split test")
+    result = ensemble.evaluate([(r.state.apply_fn, r.state.variables) for r in restored], splits[0], args.method,
+                               configs[0].eval_batch_size, [c.tta_shift for c in configs])
+    report = {"checkpoints": [str(p) for p in args.checkpoint], "epochs": [r.epoch for r in restored],
+              "split": args.split, "method": args.method, **result}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"ensemble of {len(restored)} checkpoints ({args.method} of probabilities): {args.split} accuracy "
+          f"{100 * result['accuracy']:.2f}% on {result['count']} images")
+    for path, r, accuracy in zip(args.checkpoint, restored, result["member_accuracies"], strict=True):
+        print(f"  {path}, epoch {r.epoch}: {100 * accuracy:.2f}%")
     return 0
 
 
@@ -123,8 +158,11 @@ def parser() -> argparse.ArgumentParser:
                    help="override a config field, e.g. --set epochs=3 (repeatable)")
     t.set_defaults(run=_train)
 
-    e = sub.add_parser("eval", help="restore a checkpoint and evaluate it")
-    e.add_argument("--checkpoint", required=True, type=Path, help="run directory or checkpoints/N directory")
+    e = sub.add_parser("eval", help="restore a checkpoint (or several: their ensemble) and evaluate it")
+    e.add_argument("--checkpoint", required=True, type=Path, action="append",
+                   help="run directory or checkpoints/N directory; repeat it to evaluate an ensemble")
+    e.add_argument("--method", default="mean", choices=METHODS,
+                   help="an ensemble's combination of its members' probabilities (default: mean)")
     e.add_argument("--step", default="best", type=_step, help="epoch to restore, 'best' (by validation) or 'latest'")
     e.add_argument("--split", default="test", choices=("test", "validation", "train"))
     e.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")

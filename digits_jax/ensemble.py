@@ -46,17 +46,22 @@ def combine(member_probabilities: np.ndarray, method: str = "mean") -> np.ndarra
 
 
 def evaluate(members: Sequence[Member], eval_data: dict[str, np.ndarray], method: str = "mean",
-             batch_size: int = 1000, tta_shift: int = 0) -> dict[str, Any]:
+             batch_size: int = 1000, tta_shift: int | Sequence[int] = 0) -> dict[str, Any]:
     """Accuracy of the ensemble of `members` on {'image': uint8 (N, H, W, C), 'label': int (N,)}.
+
+    `tta_shift` is one for all members or one per member (e.g. each run's config.tta_shift).
 
     Returns:
       {'accuracy': the ensemble's fraction right, 'member_accuracies': [each member's], 'count': N}.
     """
     if not members:
         raise ValueError("an ensemble needs at least one member")
+    shifts = [tta_shift] * len(members) if isinstance(tta_shift, int) else list(tta_shift)
+    if len(shifts) != len(members):
+        raise ValueError(f"{len(shifts)} tta_shift values for {len(members)} ensemble members: give one per member")
     labels = np.asarray(eval_data["label"])
-    stacked = np.stack([probabilities(fn, variables, eval_data["image"], batch_size, tta_shift)
-                        for fn, variables in members])
+    stacked = np.stack([probabilities(fn, variables, eval_data["image"], batch_size, shift)
+                        for (fn, variables), shift in zip(members, shifts, strict=True)])
     return {"accuracy": float(np.mean(combine(stacked, method) == labels)),
             "member_accuracies": [float(np.mean(p.argmax(-1) == labels)) for p in stacked], "count": len(labels)}
 

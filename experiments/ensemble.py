@@ -39,7 +39,7 @@ def main() -> None:
     run_config = restored[0].config
     scored = [split for split in ("validation", "test") if len(splits[split]["label"])]  # validation_size=0: none
     result = {split: ensemble.evaluate(members, splits[split], args.method, run_config.eval_batch_size,
-                                       run_config.tta_shift) for split in scored}
+                                       [r.config.tta_shift for r in restored]) for split in scored}
     test = result["test"]
     validation = f"validation {100 * result['validation']['accuracy']:.2f}%" if "validation" in result else \
         "no validation split"

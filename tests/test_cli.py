@@ -58,6 +58,36 @@ def test_eval_in_a_fresh_process_reproduces_the_recorded_accuracy(cli_run):
     assert len(report["per_class_accuracy"]) == 10 and len(report["confusion"]) == 10
 
 
+@pytest.fixture(scope="module")
+def other_run(tmp_path_factory, mnist_dir):
+    """A second tiny run with a smaller validation split: the same test split, another validation split."""
+    workdir = tmp_path_factory.mktemp("cli") / "tiny-val64"
+    digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
+               "--set", "validation_size=64", "--set", "epochs=1")
+    return workdir
+
+
+def test_eval_of_several_checkpoints_scores_their_ensemble(cli_run, other_run):
+    workdir, _ = cli_run
+    report = json.loads(digits_jax("eval", "--checkpoint", str(workdir), "--checkpoint", str(other_run),
+                                   "--json").stdout)
+    assert report["split"] == "test" and report["method"] == "mean" and report["count"] == 10_000
+    recorded = []
+    for run, epoch in zip((workdir, other_run), report["epochs"], strict=True):
+        records = {r["epoch"]: r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())}
+        recorded.append(records[epoch]["test_accuracy"])  # the epoch "best" picked, scored when it was saved
+    assert report["member_accuracies"] == pytest.approx(recorded, abs=1e-4)  # at most one near-tie's argmax
+    assert 0.5 < report["accuracy"] <= 1
+
+
+def test_an_ensemble_of_runs_with_different_splits_is_refused(cli_run, other_run):
+    workdir, _ = cli_run
+    result = digits_jax("eval", "--checkpoint", str(workdir), "--checkpoint", str(other_run), "--split", "validation",
+                        check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{other_run} was trained with another validation split than {workdir}" in result.stderr
+
+
 def test_runs_table_lists_the_run(cli_run):
     workdir, _ = cli_run
     out = digits_jax("runs", str(workdir)).stdout

@@ -89,3 +89,18 @@ def test_ensemble_of_different_members_against_numpy(trained, tiny_data, tiny_co
     probs = np.stack([softmax(np.asarray(fn(v, x, train=False), np.float64)) for fn, v in members])
     expected = np.mean(probs.mean(0).argmax(-1) == test["label"])
     assert ensemble.evaluate(members, test, "mean", batch_size=64)["accuracy"] == pytest.approx(expected)
+
+
+def test_each_member_has_its_own_tta_shift(trained, tiny_data):
+    test = {k: v[:200] for k, v in tiny_data["test"].items()}
+    member = (trained.apply_fn, trained.variables)
+    x = test["image"].astype(np.float32) / 255
+    views = [x] + [numpy_shift(x, dy, dx) for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2))]
+    per_view = [softmax(np.asarray(trained.apply_fn(trained.variables, v, train=False), np.float64)) for v in views]
+    plain, shifted = per_view[0], np.mean(per_view, axis=0)
+    result = ensemble.evaluate([member, member], test, "mean", batch_size=64, tta_shift=[0, 2])
+    assert result["accuracy"] == pytest.approx(np.mean(((plain + shifted) / 2).argmax(-1) == test["label"]))
+    assert result["member_accuracies"] == pytest.approx([np.mean(p.argmax(-1) == test["label"])
+                                                         for p in (plain, shifted)])
+    with pytest.raises(ValueError, match="1 tta_shift values for 2 ensemble members"):
+        ensemble.evaluate([member, member], test, tta_shift=[1])
