@@ -40,6 +40,7 @@ def _eval(args: argparse.Namespace) -> int:
     restored = checkpoint.restore(path, step=args.step)
     config = restored.config.replace(data_dir=args.data_dir) if args.data_dir else restored.config
     split = data.load(config)[args.split]
+    _check_nonempty(split, path, args.split)
     result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size,
                             tta_shift=config.tta_shift)
     recorded = restored.record.get(f"{args.split}_accuracy")
@@ -71,10 +72,12 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
         if key not in loaded:
             loaded[key] = data.load(config)[args.split]
         splits.append(loaded[key])
+    _check_nonempty(splits[0], args.checkpoint[0], args.split)
     for path, split in zip(args.checkpoint[1:], splits[1:], strict=True):
         if not all(np.array_equal(split[k], splits[0][k]) for k in ("image", "label")):
-            raise ValueError(f"{path} was trained with another {args.split} split than {args.checkpoint[0]} (their "
-                             "data configs differ): ensemble runs that share the split, or evaluate --split test")
+            hint = "" if args.split == "test" else ", or evaluate --split test"
+            raise ValueError(f"{path}: its {args.split} split differs from {args.checkpoint[0]}'s (the runs' data "
+                             f"configs differ): ensemble runs that share the split{hint}")
     result = ensemble.evaluate([(r.state.apply_fn, r.state.variables) for r in restored], splits[0], args.method,
                                configs[0].eval_batch_size, [c.tta_shift for c in configs])
     report = {"checkpoints": [str(p) for p in args.checkpoint], "epochs": [r.epoch for r in restored],
@@ -82,11 +85,17 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    print(f"ensemble of {len(restored)} checkpoints ({args.method} of probabilities): {args.split} accuracy "
+    print(f"ensemble of {len(restored)} checkpoints ({args.method}): {args.split} accuracy "
           f"{100 * result['accuracy']:.2f}% on {result['count']} images")
     for path, r, accuracy in zip(args.checkpoint, restored, result["member_accuracies"], strict=True):
         print(f"  {path}, epoch {r.epoch}: {100 * accuracy:.2f}%")
     return 0
+
+
+def _check_nonempty(split: dict[str, np.ndarray], path: Path, name: str) -> None:
+    if not len(split["label"]):
+        raise ValueError(f"{path} has no {name} split (its run was trained with validation_size=0): evaluate "
+                         "--split test")
 
 
 def _predict(args: argparse.Namespace) -> int:
@@ -160,10 +169,13 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="restore a checkpoint (or several: their ensemble) and evaluate it")
     e.add_argument("--checkpoint", required=True, type=Path, action="append",
-                   help="run directory or checkpoints/N directory; repeat it to evaluate an ensemble")
+                   help="run directory or checkpoints/N directory; repeat it to evaluate an ensemble (its JSON "
+                   "has checkpoints, epochs and member_accuracies instead of one run's loss and confusion)")
     e.add_argument("--method", default="mean", choices=METHODS,
-                   help="an ensemble's combination of its members' probabilities (default: mean)")
-    e.add_argument("--step", default="best", type=_step, help="epoch to restore, 'best' (by validation) or 'latest'")
+                   help="with several --checkpoint: average the members' probabilities, or vote (default: mean)")
+    e.add_argument("--step", default="best", type=_step,
+                   help="epoch to restore (of each checkpoint), 'best' (by validation; without it the newest) or "
+                   "'latest'"),
     e.add_argument("--split", default="test", choices=("test", "validation", "train"))
     e.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")

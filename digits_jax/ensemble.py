@@ -56,10 +56,12 @@ def evaluate(members: Sequence[Member], eval_data: dict[str, np.ndarray], method
     """
     if not members:
         raise ValueError("an ensemble needs at least one member")
-    shifts = [tta_shift] * len(members) if isinstance(tta_shift, int) else list(tta_shift)
+    shifts = list(tta_shift) if isinstance(tta_shift, Sequence) else [int(tta_shift)] * len(members)
     if len(shifts) != len(members):
         raise ValueError(f"{len(shifts)} tta_shift values for {len(members)} ensemble members: give one per member")
     labels = np.asarray(eval_data["label"])
+    if not len(labels):
+        raise ValueError("ensemble.evaluate() needs at least one example")
     stacked = np.stack([probabilities(fn, variables, eval_data["image"], batch_size, shift)
                         for (fn, variables), shift in zip(members, shifts, strict=True)])
     return {"accuracy": float(np.mean(combine(stacked, method) == labels)),

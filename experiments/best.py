@@ -9,7 +9,7 @@ smoothing 0.1, an EMA (0.999) of the weights for evaluation and test-time augmen
 22 epochs of batch 128 on 55,000 images, the last 5,000 training images held out for choosing the
 checkpoint. The test set is evaluated once, on the checkpoint that the validation split picks.
 
-`--set validation_size=0` retrains the recipe on all 60,000 training images (runs/best-bn-full-seed{SEED}) and
+`--set validation_size=0` retrains the recipe on all 60,000 training images (runs/best-{MODEL}-full-seed{SEED}) and
 tests its last epoch: the epoch count was chosen on validation, where the last epoch scored within 0.04 points
 of the best one in each of seeds 0-3.
 """
@@ -31,8 +31,9 @@ def run_dir(run_config: config.Config) -> str:
 def train_blind(run_config: config.Config, workdir: str, splits: data.Splits) -> checkpoint.Restored:
     """Trains `run_config` on `splits` (as from `data.load(run_config)`) into `workdir` (or finishes it; a
     finished run is reused) evaluating only the validation split after each epoch, and returns the checkpoint
-    that split picks. The test split is not touched here: the caller evaluates the final model on it, once
-    (also 15-20% less time than evaluating it with test-time augmentation after every epoch)."""
+    that split picks (the last one when there is no validation split). The test split is not touched here: the
+    caller evaluates the final model on it, once (also 15-20% less time than evaluating it with test-time
+    augmentation after every epoch)."""
     records = checkpoint.read_records(workdir)
     if not records or records[-1]["epoch"] < run_config.epochs:
         blind = splits | {"test": {k: v[:0] for k, v in splits["test"].items()}}  # an empty split is skipped
@@ -47,7 +48,8 @@ def train_blind(run_config: config.Config, workdir: str, splits: data.Splits) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=None, help="run directory (default runs/best-{MODEL}-seed{SEED})")
+    parser.add_argument("--workdir", default=None, help="run directory (default runs/best-{MODEL}[-full]-seed{SEED}; "
+                        "-full: validation_size=0)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args()

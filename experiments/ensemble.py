@@ -41,8 +41,8 @@ def main() -> None:
     result = {split: ensemble.evaluate(members, splits[split], args.method, run_config.eval_batch_size,
                                        [r.config.tta_shift for r in restored]) for split in scored}
     test = result["test"]
-    validation = f"validation {100 * result['validation']['accuracy']:.2f}%" if "validation" in result else \
-        "no validation split"
+    validation = (f"validation {100 * result['validation']['accuracy']:.2f}%" if "validation" in result
+                  else "no validation split")
     print(f"ensemble of {len(members)} ({args.method}): test accuracy {100 * test['accuracy']:.2f}% "
           f"({validation}); members "
           + ", ".join(f"{Path(w).name} {100 * a:.2f}%" for w, a in zip(workdirs, test["member_accuracies"],

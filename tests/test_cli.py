@@ -60,10 +60,11 @@ def test_eval_in_a_fresh_process_reproduces_the_recorded_accuracy(cli_run):
 
 @pytest.fixture(scope="module")
 def other_run(tmp_path_factory, mnist_dir):
-    """A second tiny run with a smaller validation split: the same test split, another validation split."""
+    """A second tiny run with a smaller validation split (the same test split, another validation split) and
+    test-time shifts, which its ensemble member must keep."""
     workdir = tmp_path_factory.mktemp("cli") / "tiny-val64"
     digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
-               "--set", "validation_size=64", "--set", "epochs=1")
+               "--set", "validation_size=64", "--set", "epochs=1", "--set", "tta_shift=1")
     return workdir
 
 
@@ -85,7 +86,7 @@ def test_an_ensemble_of_runs_with_different_splits_is_refused(cli_run, other_run
     result = digits_jax("eval", "--checkpoint", str(workdir), "--checkpoint", str(other_run), "--split", "validation",
                         check=False)
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert f"{other_run} was trained with another validation split than {workdir}" in result.stderr
+    assert f"{other_run}: its validation split differs from {workdir}'s" in result.stderr
 
 
 def test_runs_table_lists_the_run(cli_run):

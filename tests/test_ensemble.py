@@ -39,10 +39,15 @@ def trained(tiny_config, tiny_data):
     return state
 
 
+def tta_views(x, shift):
+    """The image batch and its 4 copies shifted by `shift` pixels, as train.evaluate's tta_shift averages them."""
+    return [x] + [numpy_shift(x, dy, dx) for dy, dx in ((-shift, 0), (shift, 0), (0, -shift), (0, shift))]
+
+
 def test_tta_averages_the_softmax_over_five_shifted_copies(trained, tiny_data):
     test = {k: v[:300] for k, v in tiny_data["test"].items()}
     x = test["image"].astype(np.float32) / 255
-    views = [x] + [numpy_shift(x, dy, dx) for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2))]
+    views = tta_views(x, 2)
     probs = np.mean([softmax(np.asarray(trained.apply_fn(trained.variables, v, train=False), np.float64))
                      for v in views], axis=0)
     result = train.evaluate(trained.apply_fn, trained.variables, test, batch_size=128, tta_shift=2)
@@ -95,12 +100,16 @@ def test_each_member_has_its_own_tta_shift(trained, tiny_data):
     test = {k: v[:200] for k, v in tiny_data["test"].items()}
     member = (trained.apply_fn, trained.variables)
     x = test["image"].astype(np.float32) / 255
-    views = [x] + [numpy_shift(x, dy, dx) for dy, dx in ((-2, 0), (2, 0), (0, -2), (0, 2))]
-    per_view = [softmax(np.asarray(trained.apply_fn(trained.variables, v, train=False), np.float64)) for v in views]
+    per_view = [softmax(np.asarray(trained.apply_fn(trained.variables, v, train=False), np.float64))
+                for v in tta_views(x, 2)]
     plain, shifted = per_view[0], np.mean(per_view, axis=0)
+    assert (plain.argmax(-1) != shifted.argmax(-1)).any()  # else swapped or ignored shifts would pass unseen
     result = ensemble.evaluate([member, member], test, "mean", batch_size=64, tta_shift=[0, 2])
     assert result["accuracy"] == pytest.approx(np.mean(((plain + shifted) / 2).argmax(-1) == test["label"]))
     assert result["member_accuracies"] == pytest.approx([np.mean(p.argmax(-1) == test["label"])
                                                          for p in (plain, shifted)])
+    assert ensemble.evaluate([member], test, tta_shift=np.int64(2))["accuracy"] == result["member_accuracies"][1]
     with pytest.raises(ValueError, match="1 tta_shift values for 2 ensemble members"):
         ensemble.evaluate([member, member], test, tta_shift=[1])
+    with pytest.raises(ValueError, match="needs at least one example"):
+        ensemble.evaluate([member], {k: v[:0] for k, v in test.items()})

@@ -99,7 +99,8 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
     assert summary["workdir"] == "runs/best-bn-full-seed0" and summary["chosen_epoch"] == 2
     assert summary["validation_accuracy"] is None and "the last epoch" in best[-2]
     records = checkpoint.read_records(workdir)
-    assert [r["epoch"] for r in records] == [1, 2] and not any("validation_accuracy" in r for r in records)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert not any("validation_accuracy" in r or "test_accuracy" in r for r in records)
     saved = (workdir / "metrics.jsonl").stat().st_mtime_ns
     ensemble = run("ensemble.py", "--seeds", "1")
     result = json.loads(ensemble[-1])
@@ -107,3 +108,6 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
     assert (workdir / "metrics.jsonl").stat().st_mtime_ns == saved  # the finished run is reused, not retrained
     # The same checkpoint through the ensemble's batching: at most a near-tie's argmax may differ.
     assert result["test"]["member_accuracies"][0] == pytest.approx(summary["test_accuracy"], abs=2e-4)
+    refused = subprocess.run([sys.executable, "-m", "digits_jax", "eval", "--checkpoint", str(workdir), "--split",
+                              "validation"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    assert refused.returncode == 1 and f"{workdir} has no validation split" in refused.stderr
