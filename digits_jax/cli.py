@@ -68,7 +68,7 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
     loaded: dict[tuple[object, ...], dict[str, np.ndarray]] = {}  # each distinct data config read once
     splits = []
     for config in configs:
-        key = (config.dataset, config.data_dir, config.validation_size, config.train_limit)
+        key = data.load_key(config)
         if key not in loaded:
             loaded[key] = data.load(config)[args.split]
         splits.append(loaded[key])
@@ -175,7 +175,7 @@ def parser() -> argparse.ArgumentParser:
                    help="with several --checkpoint: average the members' probabilities, or vote (default: mean)")
     e.add_argument("--step", default="best", type=_step,
                    help="epoch to restore (of each checkpoint), 'best' (by validation; without it the newest) or "
-                   "'latest'"),
+                   "'latest'")
     e.add_argument("--split", default="test", choices=("test", "validation", "train"))
     e.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")

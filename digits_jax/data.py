@@ -316,6 +316,11 @@ def _check_labels(labels: np.ndarray, num_classes: int, origin: str) -> None:
                         f"set config.num_classes to cover them or fix the labels")
 
 
+def load_key(config: Config) -> tuple[object, ...]:
+    """The fields of `config` that `load` reads: configs with equal keys get the same splits."""
+    return config.dataset, config.data_dir, config.num_classes, config.validation_size, config.train_limit
+
+
 def load(config: Config) -> Splits:
     """The train, validation and test splits that `config` asks for.
 

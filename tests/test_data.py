@@ -544,3 +544,13 @@ def test_fingerprint_changes_with_any_pixel_label_or_order(tmp_path: Path) -> No
     reordered = {k: dict(v) for k, v in splits.items()}
     reordered["train"]["label"] = splits["train"]["label"][::-1].copy()
     assert len({base, data.fingerprint(changed_pixel), data.fingerprint(reordered)}) == 3
+
+
+def test_configs_with_the_same_load_key_get_the_same_splits(tiny_config):
+    other = tiny_config.replace(model="bn", seed=3, learning_rate=0.5)  # fields load does not read
+    assert data.load_key(other) == data.load_key(tiny_config)
+    first, second = data.load(tiny_config), data.load(other)
+    for split in first:
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(first[split][key], second[split][key])
+    assert data.load_key(tiny_config.replace(validation_size=64)) != data.load_key(tiny_config)
