@@ -10,7 +10,7 @@ from tests.conftest import REPO
 
 
 def test_killed_and_damaged_runs_resume_bitwise_equal(mnist_dir):
-    command = [sys.executable, "experiments/chaos.py", "--kills", "2", "--epochs", "3",
+    command = [sys.executable, "experiments/chaos.py", "--kills", "2", "--epochs", "2",
                "--damage", "flipped bytes in an array file", "garbled record"]
     # One device (tests/test_parallel.py resumes sharded runs); the runs share the session's compilation cache.
     env = os.environ | {"XLA_FLAGS": ""}

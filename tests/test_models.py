@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import functools
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,30 @@ import numpy as np
 import pytest
 
 from digits_jax import models
+
+
+# Run op by op, every operation and shape compiles its own small program, and XLA:CPU took up to 4 s for each
+# jax.random draw of a small many-axis shape such as (2, 9, 8, 6): that was most of this module's ~3 minutes.
+# So inputs come from NumPy and each model call is compiled as one program.
+def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+def uniform(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    return np.random.default_rng(seed).random(shape, dtype=np.float32)
+
+
+@pytest.fixture(autouse=True)
+def classic_threefry():
+    """The models' initialisers draw from the classic Threefry, whose (3, 3, cin, cout) draws compile in a
+    fraction of the partitionable one's time; these tests compare modules on the same numbers, whatever made them."""
+    with jax.threefry_partitionable(False):
+        yield
+
+
+def jitted(module: nn.Module, **kwargs):
+    """module.apply(variables, x, **kwargs) as one compiled program."""
+    return jax.jit(functools.partial(module.apply, **kwargs))
 
 
 class ReferenceSeedCNN(nn.Module):
@@ -21,7 +47,7 @@ class ReferenceSeedCNN(nn.Module):
 
 
 def test_seed_cnn_parameter_shapes_and_count():
-    params = models.create("seed", 10).init(jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
+    params = jax.eval_shape(models.create("seed", 10).init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 1)))["params"]
     shapes = jax.tree.map(jnp.shape, params)
     assert shapes == {"conv1": {"kernel": (3, 3, 1, 32), "bias": (32,)},
                       "conv2": {"kernel": (3, 3, 32, 64), "bias": (64,)},
@@ -44,28 +70,29 @@ def test_used_extent(side, convs, expected):
 def test_pixels_the_seed_cnn_crops_do_not_reach_the_plain_flax_model_output():
     # Independent of our CNN: the plain flax model's logits do not depend on the last 2 rows and columns.
     # The input gradient of a random mix of the logits is non-zero wherever any logit depends on a pixel.
-    x = jax.random.uniform(jax.random.PRNGKey(1), (2, 28, 28, 1))
+    x = uniform(1, (2, 28, 28, 1))
     reference = ReferenceSeedCNN()
     params = jax.jit(reference.init)(jax.random.PRNGKey(0), x)
-    mix = jax.random.normal(jax.random.PRNGKey(2), (2, 10))
+    mix = normal(2, (2, 10))
     grad = jax.jit(jax.grad(lambda v: jnp.sum(reference.apply(params, v) * mix)))(x)
     assert np.abs(grad[:, :26, :26]).max() > 0
     assert np.all(grad[:, 26:] == 0) and np.all(grad[:, :, 26:] == 0)
 
 
 def test_seed_cnn_matches_plain_flax_forward_and_gradient():
-    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    x = uniform(1, (4, 28, 28, 1))
     ours = models.create("seed", 10)
-    params = ours.init(jax.random.PRNGKey(0), x)
+    params = jax.jit(ours.init)(jax.random.PRNGKey(0), x)
     reference = ReferenceSeedCNN()
 
     def loss(apply, p):
         return jnp.sum(apply(p, x, train=True) ** 2)
 
     for train in (True, False):
-        np.testing.assert_allclose(ours.apply(params, x, train=train), reference.apply(params, x), rtol=1e-5, atol=1e-5)
-    g_ours = jax.grad(lambda p: loss(ours.apply, p))(params)
-    g_ref = jax.grad(lambda p: loss(reference.apply, p))(params)
+        np.testing.assert_allclose(jitted(ours, train=train)(params, x), jitted(reference)(params, x), rtol=1e-5,
+                                   atol=1e-5)
+    g_ours = jax.jit(jax.grad(lambda p: loss(ours.apply, p)))(params)
+    g_ref = jax.jit(jax.grad(lambda p: loss(reference.apply, p)))(params)
     for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -77,21 +104,22 @@ def test_seed_cnn_matches_plain_flax_forward_and_gradient():
     # 11 x 10 images: SAME with stride 2 pads 2 + 2 rows and 1 + 2 columns; VALID leaves the last row unused.
     (5, "SAME", 2, 2), (3, "VALID", 2, 3)])
 def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches_by_rows, train):
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 10, cin))
+    x = normal(0, (2, 11, 10, cin))
     ours = models.Conv(6, kernel_size, padding, strides, patches_by_rows=patches_by_rows)
-    params = ours.init(jax.random.PRNGKey(1), x)
+    params = jax.jit(ours.init)(jax.random.PRNGKey(1), x)
     reference = nn.Conv(6, (kernel_size, kernel_size), strides=strides, padding=padding)
-    np.testing.assert_allclose(ours.apply(params, x, train), reference.apply(params, x), rtol=1e-5, atol=1e-5)
-    weights = jax.random.normal(jax.random.PRNGKey(2), reference.apply(params, x).shape)
-    grad_ours = jax.grad(lambda p, v: jnp.sum(ours.apply(p, v, train) * weights), argnums=(0, 1))(params, x)
-    grad_ref = jax.grad(lambda p, v: jnp.sum(reference.apply(p, v) * weights), argnums=(0, 1))(params, x)
+    expected = jitted(reference)(params, x)
+    np.testing.assert_allclose(jitted(ours, train=train)(params, x), expected, rtol=1e-5, atol=1e-5)
+    weights = normal(2, expected.shape)
+    grad_ours = jax.jit(jax.grad(lambda p, v: jnp.sum(ours.apply(p, v, train) * weights), argnums=(0, 1)))(params, x)
+    grad_ref = jax.jit(jax.grad(lambda p, v: jnp.sum(reference.apply(p, v) * weights), argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (1, 11, 11, 2), (3, 4, 7, 1)])
 def test_max_pool_matches_flax(shape):
-    x = jax.random.normal(jax.random.PRNGKey(0), shape)
+    x = normal(0, shape)
     np.testing.assert_array_equal(models.max_pool(x), nn.max_pool(x, (2, 2), (2, 2)))
 
 
@@ -136,40 +164,43 @@ class ReferenceStridedCNN(nn.Module):
 
 @pytest.mark.parametrize("name,reference", [("bn", ReferenceBNCNN), ("strided", ReferenceStridedCNN)])
 def test_batch_norm_models_match_plain_flax_in_both_modes(name, reference):
-    x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+    x = uniform(1, (8, 28, 28, 1))
     ours = models.create(name, 10).clone(dropout=0.0)  # dropout off: the reference has none
-    variables = ours.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(ours.init)(jax.random.PRNGKey(0), x)
     reference = reference()
-    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference.init(jax.random.PRNGKey(0), x))
-    ours_train, ours_stats = ours.apply(variables, x, train=True, mutable=["batch_stats"])
-    ref_train, ref_stats = reference.apply(variables, x, train=True, mutable=["batch_stats"])
+    reference_shapes = jax.eval_shape(reference.init, jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, variables) == jax.tree.map(jnp.shape, reference_shapes)
+    ours_train, ours_stats = jitted(ours, train=True, mutable=["batch_stats"])(variables, x)
+    ref_train, ref_stats = jitted(reference, train=True, mutable=["batch_stats"])(variables, x)
     np.testing.assert_allclose(ours_train, ref_train, rtol=1e-4, atol=1e-5)
     for a, b in zip(jax.tree.leaves(ours_stats), jax.tree.leaves(ref_stats), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
     updated = {"params": variables["params"], **ref_stats}
-    np.testing.assert_allclose(ours.apply(updated, x), reference.apply(updated, x), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(jitted(ours)(updated, x), jitted(reference)(updated, x), rtol=1e-4, atol=1e-5)
 
 
 def test_bn_model_dropout_depends_only_on_its_key():
-    x = jax.random.uniform(jax.random.PRNGKey(1), (8, 28, 28, 1))
+    x = uniform(1, (8, 28, 28, 1))
     model = models.create("bn", 10)
-    variables = model.init(jax.random.PRNGKey(0), x)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(0), x)
 
+    @jax.jit
     def run(seed):
         return model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(seed)},
                            mutable=["batch_stats"])[0]
 
     np.testing.assert_array_equal(run(0), run(0))
     assert not np.allclose(run(0), run(1))
-    np.testing.assert_array_equal(model.apply(variables, x), model.apply(variables, x))  # inference: no dropout
+    infer = jitted(model)
+    np.testing.assert_array_equal(infer(variables, x), infer(variables, x))  # inference: no dropout
 
 
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 11, 11, 2), (3, 5, 6, 1)])
 def test_max_pool_gradient_matches_flax_with_ties(shape):
     # Integers from {0, 1, 2} tie often inside a window; the gradient must go to the first maximum, as
     # nn.max_pool's (select-and-scatter) does, and never be split or duplicated.
-    x = jax.random.randint(jax.random.PRNGKey(0), shape, 0, 3).astype(jnp.float32)
-    weights = jax.random.normal(jax.random.PRNGKey(1), models.max_pool(x).shape)
+    x = np.random.default_rng(0).integers(0, 3, shape).astype(np.float32)
+    weights = normal(1, models.max_pool(x).shape)
     ours = jax.grad(lambda v: jnp.sum(models.max_pool(v) * weights))(x)
     reference = jax.grad(lambda v: jnp.sum(nn.max_pool(v, (2, 2), (2, 2)) * weights))(x)
     np.testing.assert_array_equal(ours, reference)
@@ -202,19 +233,19 @@ class ReferenceSpaceToDepthCNN(nn.Module):
 
 
 def test_space_to_depth_model_matches_a_strided_convolution():
-    x = jax.random.uniform(jax.random.PRNGKey(1), (4, 28, 28, 1))
+    x = uniform(1, (4, 28, 28, 1))
     ours = models.create("s2d", 10)
-    params = ours.init(jax.random.PRNGKey(0), x)["params"]
+    params = jax.jit(ours.init)(jax.random.PRNGKey(0), x)["params"]
     reference_params = {"kernel1": params["conv1"]["kernel"], "bias1": params["conv1"]["bias"],
                         **{k: params[k] for k in ("conv2", "dense1", "dense2")}}
-    expected = ReferenceSpaceToDepthCNN().apply({"params": reference_params}, x)
+    expected = jitted(ReferenceSpaceToDepthCNN())({"params": reference_params}, x)
     for train in (True, False):
-        np.testing.assert_allclose(ours.apply({"params": params}, x, train=train), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(jitted(ours, train=train)({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_max_pool_forward_mode_matches_flax():
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 9, 8, 3))
-    tangent = jax.random.normal(jax.random.PRNGKey(1), x.shape)
+    x = normal(0, (2, 9, 8, 3))
+    tangent = normal(1, x.shape)
     ours = jax.jvp(models.max_pool, (x,), (tangent,))
     reference = jax.jvp(lambda v: nn.max_pool(v, (2, 2), (2, 2)), (x,), (tangent,))
     for a, b in zip(ours, reference, strict=True):

@@ -93,9 +93,9 @@ def test_train_and_evaluate_writes_records_and_checkpoints(tmp_path, tiny_config
 def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path, tiny_config, tiny_data, changes):
     tiny_config = tiny_config.replace(**changes)
     whole = train.train_and_evaluate(tiny_config, tmp_path / "whole", datasets=tiny_data)
+    # A crash before epoch 2 was saved looks like this on disk: that run with its checkpoint 2 absent.
     crashed = tmp_path / "crashed"
-    train.train_and_evaluate(tiny_config, crashed, datasets=tiny_data)
-    # A crash before epoch 2 was saved looks like this on disk: its checkpoint is absent.
+    shutil.copytree(tmp_path / "whole", crashed)
     shutil.rmtree(crashed / "checkpoints" / "2")
     with pytest.raises(FileExistsError, match="pass --resume"):
         train.train_and_evaluate(tiny_config, crashed, datasets=tiny_data)
