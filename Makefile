@@ -68,8 +68,9 @@ chaos: setup  ## SIGKILL training at random moments and damage checkpoints; resu
 runs: setup  ## compare every run under runs/
 	$(PY) -m digits_jax runs runs/*
 
+# --dist loadscope keeps each module on one worker, so its module-scoped training runs are made once, not per worker.
 test: setup lint  ## the suite on every core (pytest-xdist); ARGS="-n 0" runs it in one process
-	$(PY) -m pytest -q -n auto $(ARGS)
+	$(PY) -m pytest -q -n auto --dist loadscope $(ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check digits_jax tests experiments
