@@ -195,6 +195,26 @@ def test_bn_model_dropout_depends_only_on_its_key():
     np.testing.assert_array_equal(infer(variables, x), infer(variables, x))  # inference: no dropout
 
 
+@pytest.mark.parametrize("rate", [0.0, 0.25, 0.4, 1.0])
+@pytest.mark.parametrize("shape", [(8, 12, 12, 3), (5, 7), (3,)])
+def test_dropout_masks_exactly_as_flax_does(shape, rate):
+    x = uniform(0, shape) + 0.5
+    rngs = {"dropout": jax.random.PRNGKey(3)}
+
+    @jax.jit
+    def both(x):
+        reference = nn.Dropout(rate, deterministic=False).apply({}, x, rngs=rngs)
+        return (models.Dropout(rate).apply({}, x, rngs=rngs), reference,
+                jax.grad(lambda v: jnp.sum(models.Dropout(rate).apply({}, v, rngs=rngs)))(x))
+
+    ours, reference, grad = both(x)
+    np.testing.assert_array_equal(ours, reference)
+    assert np.isfinite(grad).all()
+    if 0 < rate < 1 and len(shape) == 4:
+        assert 0 < np.mean(ours == 0) < 1  # some, not all, dropped
+    np.testing.assert_array_equal(models.Dropout(rate, deterministic=True).apply({}, x), x)
+
+
 @pytest.mark.parametrize("shape", [(2, 8, 8, 3), (1, 11, 11, 2), (3, 5, 6, 1)])
 def test_max_pool_gradient_matches_flax_with_ties(shape):
     # Integers from {0, 1, 2} tie often inside a window; the gradient must go to the first maximum, as
