@@ -6,11 +6,13 @@ import atexit
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 # Eight CPU devices, set before JAX starts, so that every training test (num_devices=0: all) runs data-parallel;
 # subprocesses inherit it.
-os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=8"])
+EIGHT_DEVICES = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = " ".join([os.environ.get("XLA_FLAGS", ""), EIGHT_DEVICES])
 # A persistent compilation cache of this session alone (not the CLI's ~/.cache one: tests must not depend on
 # what earlier runs left there, nor add to it). Tests that train the same program again (resume, chaos,
 # CLI subprocesses) then load it instead of compiling it again; subprocesses inherit the folder.
@@ -22,6 +24,14 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def one_device(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`env` (default: this process's) for a subprocess on one device: XLA_FLAGS without the suite's eight devices,
+    whose compilation takes most of a short run's time."""
+    env = dict(os.environ if env is None else env)
+    env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(EIGHT_DEVICES, "").strip()
+    return env
 SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
 
 if SHARED_MNIST.is_dir():

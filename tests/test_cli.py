@@ -9,14 +9,12 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, one_device
 
 
 def digits_jax(*args, check=True, env=None):
-    # One device, as a user's machine has: compiling for the suite's eight took most of these runs' time.
-    env = (os.environ if env is None else env) | {"XLA_FLAGS": ""}
     result = subprocess.run([sys.executable, "-m", "digits_jax", *args], capture_output=True, text=True, cwd=REPO,
-                            timeout=300, env=env)
+                            timeout=300, env=one_device(env))  # one device, as a user's machine has
     if check and result.returncode != 0:
         raise AssertionError(f"digits-jax {args} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result

@@ -4,7 +4,6 @@ against NumPy."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -13,14 +12,14 @@ import pandas as pd
 import pytest
 
 from digits_jax import checkpoint, data
-from tests.conftest import REPO
+from tests.conftest import REPO, one_device
 
 
 def test_ladder_runs_every_rung_and_writes_csv_and_markdown(tmp_path, mnist_dir):
     out = tmp_path / "results" / "ladder"
     command = [sys.executable, "experiments/ladder.py", "--tiny", "--seeds", "1", "--runs", str(tmp_path / "runs"),
                "--out", str(out)]
-    env = os.environ | {"XLA_FLAGS": ""}  # one device: compiling for eight would take most of the time
+    env = one_device()
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = pd.read_csv(out.with_suffix(".csv"))
@@ -85,7 +84,7 @@ def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_p
 def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_path, mnist_dir):
     tiny = ["--set", "train_limit=256", "--set", "validation_size=0", "--set", "epochs=2", "--set", "batch_size=64",
             "--set", "tta_shift=0", "--set", f"data_dir={mnist_dir}"]
-    env = os.environ | {"XLA_FLAGS": ""}
+    env = one_device()
 
     def run(script: str, *args: str) -> list[str]:
         result = subprocess.run([sys.executable, str(REPO / "experiments" / script), *args, *tiny], cwd=tmp_path,
