@@ -24,6 +24,13 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
+
+if SHARED_MNIST.is_dir():
+    os.environ.setdefault("DIGITS_JAX_DATA_DIR", str(SHARED_MNIST))
+
+# Tests compare float32 results with references at 1e-5; GPUs would otherwise use TF32 matmuls.
+jax.config.update("jax_default_matmul_precision", "highest")
 
 
 def one_device(env: Mapping[str, str] | None = None) -> dict[str, str]:
@@ -32,13 +39,6 @@ def one_device(env: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ if env is None else env)
     env["XLA_FLAGS"] = env.get("XLA_FLAGS", "").replace(EIGHT_DEVICES, "").strip()
     return env
-SHARED_MNIST = REPO.parent / "shared" / "datasets" / "mnist"
-
-if SHARED_MNIST.is_dir():
-    os.environ.setdefault("DIGITS_JAX_DATA_DIR", str(SHARED_MNIST))
-
-# Tests compare float32 results with references at 1e-5; GPUs would otherwise use TF32 matmuls.
-jax.config.update("jax_default_matmul_precision", "highest")
 
 
 @pytest.fixture(scope="session")

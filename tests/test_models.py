@@ -12,7 +12,7 @@ from digits_jax import models
 
 
 # Run op by op, every operation and shape compiles its own small program, and XLA:CPU took up to 4 s for each
-# jax.random draw of a small many-axis shape such as (2, 9, 8, 6): that was most of this module's ~3 minutes.
+# jax.random draw of a small many-axis shape such as (2, 9, 8, 6): most of the 88 s this module took before.
 # So inputs come from NumPy and each model call is compiled as one program.
 def normal(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
