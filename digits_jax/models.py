@@ -255,8 +255,10 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
     "seed": functools.partial(CNN, convs=((32, 3), (64, 3)), dense=128),
     # The layout of a well-known fast PyTorch MNIST recipe, about half the seed's FLOPs.
     "fast": functools.partial(CNN, convs=((24, 5), (32, 3)), dense=256),
-    # Time to 99%: space-to-depth, then two 3x3 convs at half resolution; the fast preset's (see config.fast).
+    # Space-to-depth, then two 3x3 convs at half resolution: the fast preset's until 2026-12-02 (its runs restore).
     "s2d": functools.partial(SpaceToDepthCNN, convs=(32, 32), dense=256),
+    # Time to 99%: "s2d" with a 16-feature first conv, as accurate and ~1.7x faster to train; the fast preset's.
+    "s2d16": functools.partial(SpaceToDepthCNN, convs=(16, 32), dense=256),
     # For accuracy: 2 x (conv-BN-ReLU x2, pool, dropout) with 32 then 64 channels, dense 256; ~4x the seed's FLOPs.
     "bn": functools.partial(BNCNN, blocks=(32, 64), dense=256, dropout=0.25),
     # For ensembles: 2 x (conv-BN-ReLU 3x3, 3x3, 5x5 stride 2; dropout), dense 128, dropout 0.4; no pooling.

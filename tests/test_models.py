@@ -246,29 +246,34 @@ def test_space_to_depth_orders_channels_row_column_channel():
 
 
 class ReferenceSpaceToDepthCNN(nn.Module):
-    """The "s2d" model with plain flax layers, its first convolution written as the 6x6 stride-2 convolution
+    """The "s2d" models with plain flax layers, the first convolution written as the 6x6 stride-2 convolution
     that space-to-depth + 3x3 amounts to (kernel rearranged from the 3x3x4 one)."""
+
+    convs: tuple[int, int]
 
     @nn.compact
     def __call__(self, x, train=False):
-        kernel = self.param("kernel1", nn.initializers.zeros_init(), (3, 3, 4, 32))
-        bias = self.param("bias1", nn.initializers.zeros_init(), (32,))
+        c1, c2 = self.convs
+        kernel = self.param("kernel1", nn.initializers.zeros_init(), (3, 3, 4, c1))
+        bias = self.param("bias1", nn.initializers.zeros_init(), (c1,))
         # (a, b, (di, dj)) -> (2a + di, 2b + dj): the 6x6 kernel over original pixels.
-        big = kernel.reshape(3, 3, 2, 2, 32).transpose(0, 2, 1, 3, 4).reshape(6, 6, 1, 32)
+        big = kernel.reshape(3, 3, 2, 2, c1).transpose(0, 2, 1, 3, 4).reshape(6, 6, 1, c1)
         x = jax.lax.conv_general_dilated(x, big, (2, 2), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
         x = nn.relu(x + bias)
-        x = nn.max_pool(nn.relu(nn.Conv(32, (3, 3), padding="VALID", name="conv2")(x)), (2, 2), (2, 2))
+        x = nn.max_pool(nn.relu(nn.Conv(c2, (3, 3), padding="VALID", name="conv2")(x)), (2, 2), (2, 2))
         x = nn.relu(nn.Dense(256, name="dense1")(x.reshape(x.shape[0], -1)))
         return nn.Dense(10, name="dense2")(x)
 
 
-def test_space_to_depth_model_matches_a_strided_convolution():
+@pytest.mark.parametrize(("name", "convs"), [("s2d", (32, 32)), ("s2d16", (16, 32))])
+def test_space_to_depth_model_matches_a_strided_convolution(name, convs):
     x = uniform(1, (4, 28, 28, 1))
-    ours = models.create("s2d", 10)
+    ours = models.create(name, 10)
     params = jax.jit(ours.init)(jax.random.PRNGKey(0), x)["params"]
+    assert params["conv1"]["kernel"].shape == (3, 3, 4, convs[0])
     reference_params = {"kernel1": params["conv1"]["kernel"], "bias1": params["conv1"]["bias"],
                         **{k: params[k] for k in ("conv2", "dense1", "dense2")}}
-    expected = jitted(ReferenceSpaceToDepthCNN())({"params": reference_params}, x)
+    expected = jitted(ReferenceSpaceToDepthCNN(convs))({"params": reference_params}, x)
     for train in (True, False):
         np.testing.assert_allclose(jitted(ours, train=train)({"params": params}, x), expected, rtol=1e-5, atol=1e-5)
 
