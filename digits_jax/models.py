@@ -88,17 +88,15 @@ def _max_pool_jvp(primals: tuple[jax.Array], tangents: tuple[jax.Array]) -> tupl
     (x,), (dx,) = primals, tangents
     y = max_pool(x)
     windows = _pool_windows(x)
-    taken = jnp.zeros(y.shape, bool)
-    rows = []
-    for i in range(2):
-        row = []
-        for j in range(2):
-            row.append((windows[:, :, i, :, j, :] == y) & ~taken)
-            taken |= row[-1]
-        rows.append(jnp.stack(row, axis=3))
-    first = jnp.stack(rows, axis=2)  # (N, H/2, 2, W/2, 2, C): True at each window's first maximum
+    # Each window's first maximum as one int8 index (row-major, 0-3), compared with each element's position.
+    # A mask stacked from per-position "equal and none before" tests made XLA:CPU rebuild that chain for every
+    # element of the gradient: the seed CNN's training step ran ~8% slower.
+    first = jnp.where(windows[:, :, 0, :, 0] == y, 0,
+                      jnp.where(windows[:, :, 0, :, 1] == y, 1, jnp.where(windows[:, :, 1, :, 0] == y, 2, 3)))
+    position = jnp.arange(4, dtype=jnp.int8).reshape(2, 1, 2, 1)
+    taken = first.astype(jnp.int8)[:, :, None, :, None, :] == position  # (N, H/2, 2, W/2, 2, C)
     # One masked sum, so that its transpose (the gradient) is one masked broadcast.
-    return y, jnp.where(first, _pool_windows(dx), 0.0).sum(axis=(2, 4))
+    return y, jnp.where(taken, _pool_windows(dx), 0.0).sum(axis=(2, 4))
 
 
 class Dropout(nn.Module):
