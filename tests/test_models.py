@@ -99,14 +99,14 @@ def test_seed_cnn_matches_plain_flax_forward_and_gradient():
 
 
 @pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("patches_by_rows", [False, True])
+@pytest.mark.parametrize("patches", ["full", "by_rows", "columns"])
 @pytest.mark.parametrize("kernel_size,padding,strides,cin", [
     (3, "VALID", 1, 1), (3, "SAME", 1, 4), (5, "VALID", 1, 3), (5, "SAME", 1, 2),
     # 11 x 10 images: SAME with stride 2 pads 2 + 2 rows and 1 + 2 columns; VALID leaves the last row unused.
     (5, "SAME", 2, 2), (3, "VALID", 2, 3)])
-def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches_by_rows, train):
+def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches, train):
     x = normal(0, (2, 11, 10, cin))
-    ours = models.Conv(6, kernel_size, padding, strides, patches_by_rows=patches_by_rows)
+    ours = models.Conv(6, kernel_size, padding, strides, patches=patches)
     params = jax.jit(ours.init)(jax.random.PRNGKey(1), x)
     reference = nn.Conv(6, (kernel_size, kernel_size), strides=strides, padding=padding)
     expected = jitted(reference)(params, x)
@@ -116,6 +116,11 @@ def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches_by_r
     grad_ref = jax.jit(jax.grad(lambda p, v: jnp.sum(reference.apply(p, v) * weights), argnums=(0, 1)))(params, x)
     for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_ref), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_conv_rejects_unknown_patches_mode():
+    with pytest.raises(ValueError, match="'full', 'by_rows' or 'columns'; got 'rows'"):
+        models.Conv(6, patches="rows").init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 1)))
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (1, 11, 11, 2), (3, 4, 7, 1)])
