@@ -212,8 +212,10 @@ class StridedCNN(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         for i, features in enumerate(self.blocks, 1):
-            x = _conv_bn_relu(x, train, f"{i}_1", features, 3)
-            x = _conv_bn_relu(x, train, f"{i}_2", features, 3)
+            # "columns" as in BNCNN: ~10% faster training steps (AVX2 machine, 2026-12-02); not for the strided
+            # convolution, whose column products would be computed for every input row, twice the rows it needs.
+            x = _conv_bn_relu(x, train, f"{i}_1", features, 3, patches="full" if i == 1 else "columns")
+            x = _conv_bn_relu(x, train, f"{i}_2", features, 3, patches="columns")
             x = _conv_bn_relu(x, train, f"{i}_3", features, 5, padding="SAME", strides=2)
             x = Dropout(self.dropout, deterministic=not train)(x)
         return _dense_head(x, train, self.dense, self.dropout, self.num_classes)
