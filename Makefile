@@ -15,7 +15,7 @@ FLAVOUR := $(if $(GPU),cuda12,cpu)
 JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
-.PHONY: setup train seed best ensemble ladder eval serve report fonts runs bench bench-peers chaos test lint clean
+.PHONY: setup train seed best ensemble ladder eval serve report fonts runs bench bench-peers profile chaos test lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,9 @@ bench: setup  ## seed CNN throughput and the fast preset's time to 99% (experime
 
 bench-peers: setup  ## ours beside Keras, PyTorch, naive Flax and a fast PyTorch recipe (../shared/peers)
 	$(PY) experiments/bench_peers.py $(ARGS)
+
+profile: setup  ## per-op times of the seed CNN's compiled training epoch, from a JAX profiler trace
+	$(PY) experiments/profile_step.py $(ARGS)
 
 chaos: setup  ## SIGKILL training at random moments and damage checkpoints; resumed runs must be bitwise equal
 	$(PY) experiments/chaos.py $(ARGS)
