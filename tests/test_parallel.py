@@ -127,7 +127,10 @@ def test_two_processes_on_localhost_train_as_one_job(tmp_path, mnist_dir, tiny_c
         port = s.getsockname()[1]
     workdir = tmp_path / "run"
     env = os.environ | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                        "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
+                        "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO),
+                        # With a persistent compilation cache (the suite's, or one per process) both workers hung in
+                        # the first evaluation on the AVX-512 machine (2026-12-03); without one they finish in ~10 s.
+                        "JAX_COMPILATION_CACHE_DIR": ""}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), str(mnist_dir)], cwd=REPO,
                               env=env | {"JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
