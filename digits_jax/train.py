@@ -289,8 +289,14 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
         eval_data = parallel.put(eval_data, parallel.replicated(mesh))
     # One compiled program slices, masks and evaluates a batch; a short host loop over ~10 batches costs nothing.
     # Every batch is dispatched before any result is fetched, so the device never waits for the host between them.
-    batch_sums = [_eval_slice(apply_fn, variables, eval_data, np.int32(begin), np.int32(n), batch_size, tta_shift, mesh)
-                  for begin in range(0, n, batch_size)]
+    batch_sums = []
+    for begin in range(0, n, batch_size):
+        batch_sums.append(_eval_slice(apply_fn, variables, eval_data, np.int32(begin), np.int32(n), batch_size,
+                                      tta_shift, mesh))
+        if jax.process_count() > 1:
+            # Queued back to back, the batches' cross-process collectives sometimes paired up out of order
+            # on CPU and both processes hung (a two-process job, AVX-512 machine, 2026-12-03).
+            jax.block_until_ready(batch_sums[-1])
     sums = functools.reduce(metrics.merge, map(parallel.to_host, batch_sums))
     summary = metrics.compute(sums)
     return EvalResult(accuracy=summary["accuracy"], loss=summary["loss"], count=summary["count"],

@@ -127,14 +127,15 @@ def test_two_processes_on_localhost_train_as_one_job(tmp_path, mnist_dir, tiny_c
         port = s.getsockname()[1]
     workdir = tmp_path / "run"
     env = os.environ | {"JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}", "JAX_NUM_PROCESSES": "2",
-                        "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO),
-                        # With a persistent compilation cache (the suite's, or one per process) both workers hung in
-                        # the first evaluation on the AVX-512 machine (2026-12-03); without one they finish in ~10 s.
-                        "JAX_COMPILATION_CACHE_DIR": ""}
+                        "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "PYTHONPATH": str(REPO)}
     procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(workdir), str(mnist_dir)], cwd=REPO,
                               env=env | {"JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True) for i in range(2)]
-    outputs = [p.communicate(timeout=300) for p in procs]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:  # a hung worker would otherwise outlive the suite, holding memory and a core
+        for p in procs:
+            p.kill()
     for p, (_, err) in zip(procs, outputs, strict=True):
         assert p.returncode == 0, err[-3000:]
     digests = [out.split("digest ")[-1].strip() for out, _ in outputs]
