@@ -288,7 +288,7 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
     elif any(getattr(v, "sharding", None) != parallel.replicated(mesh) for v in eval_data.values()):
         eval_data = parallel.put(eval_data, parallel.replicated(mesh))
     # One compiled program slices, masks and evaluates a batch; a short host loop over ~10 batches costs nothing.
-    # Every batch is dispatched before any result is fetched, so the device never waits for the host between them.
+    # In one process every batch is dispatched before any result is fetched, so the device never waits for the host.
     batch_sums = []
     for begin in range(0, n, batch_size):
         batch_sums.append(_eval_slice(apply_fn, variables, eval_data, np.int32(begin), np.int32(n), batch_size,
