@@ -62,7 +62,7 @@ bench: setup  ## seed CNN throughput and the fast preset's time to 99% (experime
 bench-peers: setup  ## ours beside Keras, PyTorch, naive Flax and a fast PyTorch recipe (../shared/peers)
 	$(PY) experiments/bench_peers.py $(ARGS)
 
-profile: setup  ## per-op times of the seed CNN's compiled training epoch, from a JAX profiler trace
+profile: setup  ## per-op times of a preset's compiled training epoch (default: seed), from a JAX profiler trace
 	$(PY) experiments/profile_step.py $(ARGS)
 
 chaos: setup  ## SIGKILL training at random moments and damage checkpoints; resumed runs must be bitwise equal

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
+from types import ModuleType
 
 # Eight CPU devices, set before JAX starts, so that every training test (num_devices=0: all) runs data-parallel;
 # subprocesses inherit it.
@@ -31,6 +34,15 @@ if SHARED_MNIST.is_dir():
 
 # Tests compare float32 results with references at 1e-5; GPUs would otherwise use TF32 matmuls.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def experiment(name: str) -> ModuleType:
+    """experiments/{name}.py imported as a module (experiments/ holds scripts, not a package)."""
+    sys.path.insert(0, str(REPO / "experiments"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.pop(0)
 
 
 def one_device(env: Mapping[str, str] | None = None) -> dict[str, str]:

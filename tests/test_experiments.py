@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from digits_jax import checkpoint, data
-from tests.conftest import REPO, one_device
+from tests.conftest import REPO, experiment, one_device
 
 
 def test_ladder_runs_every_rung_and_writes_csv_and_markdown(tmp_path, mnist_dir):
@@ -31,11 +31,7 @@ def test_ladder_runs_every_rung_and_writes_csv_and_markdown(tmp_path, mnist_dir)
 
 
 def test_ladder_summary_against_numpy():
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        from ladder import summarise
-    finally:
-        sys.path.pop(0)
+    summarise = experiment("ladder").summarise
     accuracies = {"a": [0.99, 0.995, 0.993], "b": [0.9971, 0.9969]}
     runs = pd.DataFrame([{"rung": rung, "seed": i, "test_accuracy": acc, "wall_seconds": 10.0 * (i + 1)}
                          for rung, values in accuracies.items() for i, acc in enumerate(values)])
@@ -50,11 +46,7 @@ def test_ladder_summary_against_numpy():
 
 
 def test_ladder_wall_time_adds_up_the_processes_of_a_resumed_run():
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        from ladder import training_wall_seconds
-    finally:
-        sys.path.pop(0)
+    training_wall_seconds = experiment("ladder").training_wall_seconds
     # Epochs 1-3 in one process (10, 20, 30 s), then resumed: epochs 4-5 at 12 and 22 s of the new process.
     records = [{"wall_seconds": w} for w in (10.0, 20.0, 30.0, 12.0, 22.0)]
     assert training_wall_seconds(records) == 52.0
@@ -62,11 +54,7 @@ def test_ladder_wall_time_adds_up_the_processes_of_a_resumed_run():
 
 
 def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_path, tiny_config):
-    sys.path.insert(0, str(REPO / "experiments"))
-    try:
-        from best import train_blind
-    finally:
-        sys.path.pop(0)
+    train_blind = experiment("best").train_blind
     workdir = str(tmp_path / "run")
     splits = data.load(tiny_config)
     chosen = train_blind(tiny_config, workdir, splits)

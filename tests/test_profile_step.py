@@ -8,13 +8,10 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, one_device
+from tests.conftest import REPO, experiment, one_device
 
-sys.path.insert(0, str(REPO / "experiments"))
-try:
-    from profile_step import hlo_ops, op_table
-finally:
-    sys.path.pop(0)
+profile_step = experiment("profile_step")
+hlo_ops, op_table = profile_step.hlo_ops, profile_step.op_table
 
 HLO = "\n".join([
     "ENTRY %main {",
