@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import socket
@@ -71,7 +72,17 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.Che
                                            create=not read_only, read_only=read_only,
                                            save_interval_steps=0 if read_only else 1,
                                            cleanup_tmp_directories=not read_only)
-    return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "record"))
+    # Orbax logs a warning whenever a manager is read-only, i.e. on every restore; nothing is wrong then.
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(_read_only_notice)
+    try:
+        return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "record"))
+    finally:
+        absl_logger.removeFilter(_read_only_notice)
+
+
+def _read_only_notice(record: logging.LogRecord) -> bool:
+    return record.msg != "Given directory is read only=%s"
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -37,6 +37,13 @@ def test_restore_accepts_run_checkpoints_and_step_directories(finished_run):
     assert best.epoch == checkpoint.best_record(checkpoint.read_records(workdir))["epoch"]
 
 
+def test_restore_logs_no_warning_for_an_intact_run(finished_run, caplog):
+    # Orbax warns about every read-only manager; a user evaluating a checkpoint should see only real problems.
+    with caplog.at_level("WARNING"):
+        checkpoint.restore(finished_run[0])
+    assert not [r for r in caplog.records if r.levelno >= 30], [r.getMessage() for r in caplog.records]
+
+
 def test_restore_errors_name_the_path(tmp_path, finished_run):
     with pytest.raises(FileNotFoundError, match=f"no checkpoint found at {tmp_path}"):
         checkpoint.restore(tmp_path)
