@@ -185,6 +185,34 @@ def test_batch_norm_models_match_plain_flax_in_both_modes(name, reference):
     np.testing.assert_allclose(jitted(ours)(updated, x), jitted(reference)(updated, x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(6, 5, 4, 3), (16, 7)])
+def test_batch_norm_matches_flax_batch_norm_with_gradients(shape):
+    x = 2.0 + 3.0 * normal(0, shape)  # mean and scale far from 0 and 1, so the statistics matter
+    ours, reference = models.BatchNorm(use_running_average=False), nn.BatchNorm(use_running_average=False,
+                                                                                  momentum=0.9)
+    variables = reference.init(jax.random.PRNGKey(0), x)
+    assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(0), x)) == jax.tree.map(jnp.shape, variables)
+    c = shape[-1]
+    variables = {"params": {"scale": 1 + normal(1, (c,)), "bias": normal(2, (c,))},
+                 "batch_stats": {"mean": normal(3, (c,)), "var": 1 + uniform(4, (c,))}}
+    weights = normal(5, shape)
+
+    def loss(module, params, x):
+        y, stats = module.apply({"params": params, "batch_stats": variables["batch_stats"]}, x,
+                                mutable=["batch_stats"])
+        return jnp.sum(y * weights), (y, stats)
+
+    (_, (y, stats)), grads = jax.jit(jax.value_and_grad(functools.partial(loss, ours), argnums=(0, 1),
+                                                        has_aux=True))(variables["params"], x)
+    (_, (y_ref, stats_ref)), grads_ref = jax.value_and_grad(functools.partial(loss, reference), argnums=(0, 1),
+                                                            has_aux=True)(variables["params"], x)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(jax.tree.leaves((stats, grads)), jax.tree.leaves((stats_ref, grads_ref)), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    inference, inference_ref = models.BatchNorm(use_running_average=True), nn.BatchNorm(use_running_average=True)
+    np.testing.assert_allclose(inference.apply(variables, x), inference_ref.apply(variables, x), rtol=1e-5, atol=1e-5)
+
+
 def test_bn_model_dropout_depends_only_on_its_key():
     x = uniform(1, (8, 28, 28, 1))
     model = models.create("bn", 10)
