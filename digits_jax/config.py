@@ -169,9 +169,9 @@ def fast() -> Config:
 
 def best() -> Config:
     """For accuracy: the batch-norm CNN with dropout, affine augmentation, one-cycle Adam 2e-3, label smoothing,
-    an EMA of the weights, and test-time augmentation; 22 epochs, ~27 minutes on a 2-core CPU. (Chosen on the
-    validation split: affine, not elastic, after 3 epochs: affine 99.52%, none 99.32%, affine + elastic 99.14%;
-    22 epochs, not 15, seed 0: 99.76% at epoch 21 against 99.70% at epoch 15 of a 15-epoch run.)"""
+    an EMA of the weights, and test-time augmentation; 22 epochs, 13.5-27 minutes on 2-core CPUs (README).
+    (Chosen on the validation split: affine, not elastic, after 3 epochs: affine 99.52%, none 99.32%, affine +
+    elastic 99.14%; 22 epochs, not 15, seed 0: 99.76% at epoch 21 against 99.70% at epoch 15 of a 15-epoch run.)"""
     return Config(name="best", model="bn", augment="affine", learning_rate=2e-3, epochs=22, label_smoothing=0.1,
                   ema_decay=0.999, tta_shift=1).validated()
 
