@@ -3,7 +3,8 @@
 Convolutions are computed as im2col (the k*k shifted slices concatenated along channels, then one 2-D
 matmul) and max-pooling as crop + reshape + max: on XLA:CPU these are several times faster than
 `nn.Conv` and `nn.max_pool` (whose gradient, select-and-scatter, is the slowest op there) and they stay
-fast inside `lax.scan`. Parameters are laid out exactly as `nn.Conv`'s, so results match it.
+fast inside `lax.scan`. Parameters are laid out exactly as `nn.Conv`'s, so results match it. Batch norm
+has its training gradient written out (`BatchNorm`), with `nn.BatchNorm`'s variables.
 """
 
 from __future__ import annotations
@@ -229,11 +230,11 @@ class StridedCNN(nn.Module):
 
 
 class BatchNorm(nn.Module):
-    """`nn.BatchNorm(momentum=0.9)` over every axis but the last, with the same variables (params 'scale' and
-    'bias', batch_stats 'mean' and 'var') and the same numbers up to float32 rounding. In training its gradient
-    is written out, two sums and one elementwise pass; autodiff of `nn.BatchNorm` made XLA:CPU run three sums
-    and several elementwise passes, and training steps took 75.9 instead of 81.3 ms ("bn") and 118.6 instead of
-    126.7 ms ("strided"; Intel Xeon machine, 2026-12-03)."""
+    """(..., C) float32 -> the same shape: `nn.BatchNorm(momentum=0.9)` over every axis but the last, with the
+    same variables (params 'scale' and 'bias', batch_stats 'mean' and 'var') and the same numbers up to float32
+    rounding. In training its gradient is written out, two sums and one elementwise pass; autodiff of
+    `nn.BatchNorm` made XLA:CPU run three sums and several elementwise passes, and training steps took 75.9
+    instead of 81.3 ms ("bn") and 118.6 instead of 126.7 ms ("strided"; Intel Xeon machine, 2026-12-03)."""
 
     use_running_average: bool
     momentum: float = 0.9
