@@ -37,6 +37,9 @@ class Config:
     label_smoothing: float = 0.0  # mass moved from the true class to all classes uniformly
     ema_decay: float = 0.0  # > 0: evaluate (and checkpoint) an exponential moving average of the parameters
     augment: str = "none"  # random transform of each training image: a name in digits_jax.augment.PRESETS
+    # The last N epochs train on the images as they are: augmentation resamples (blurs) every training image,
+    # while test images are sharp.
+    clean_epochs: int = 0
     batch_size: int = 128  # examples per step
     epochs: int = 6  # passes over the training split
     seed: int = 0  # initial parameters, data order, dropout
@@ -56,12 +59,15 @@ class Config:
         """Returns self, or raises ValueError naming the first impossible value and why."""
         for field, minimum in (("batch_size", 1), ("epochs", 1), ("eval_batch_size", 1), ("num_classes", 2),
                                ("keep_checkpoints", 1), ("validation_size", 0), ("num_devices", 0),
-                               ("tta_shift", 0)):
+                               ("tta_shift", 0), ("clean_epochs", 0)):
             value = getattr(self, field)
             if not isinstance(value, int) or value < minimum:
                 raise ValueError(f"config.{field} = {value!r}: must be an integer >= {minimum}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"config.train_limit = {self.train_limit!r}: must be None or an integer >= 1")
+        if self.clean_epochs >= self.epochs:
+            raise ValueError(f"config.clean_epochs = {self.clean_epochs!r}: must be below epochs ({self.epochs}); "
+                             "for no augmentation at all set augment=none")
         if not self.learning_rate > 0:
             raise ValueError(f"config.learning_rate = {self.learning_rate!r}: must be > 0")
         for field in ("label_smoothing", "ema_decay"):

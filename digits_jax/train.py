@@ -75,16 +75,21 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
       TrainState with step and epoch int32 scalars at 0, rng a uint32 (2,) key, model_state the module's
       non-parameter collections.
     """
-    options = TrainOptions(label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-                           augment=augment.PRESETS[config.augment])
-
     variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
     params = variables.pop("params")
     opt_state, ema_params = _init_optimizer(tx, params, bool(config.ema_decay))
     # Counters from NumPy: made with jnp, each would be one more small compile at start-up.
     return TrainState(step=jnp.asarray(np.zeros((), np.int32)), apply_fn=model.apply, params=params, tx=tx,
                       opt_state=opt_state, epoch=jnp.asarray(np.zeros((), np.int32)), rng=rng, model_state=variables,
-                      options=options, ema_params=ema_params)
+                      options=train_options(config, 0), ema_params=ema_params)
+
+
+def train_options(config: Config, epoch: int) -> TrainOptions:
+    """What `train_step` does in epoch `epoch` (0-based) of a run of `config`: augmentation, unless the epoch is
+    one of the last `config.clean_epochs`."""
+    clean = epoch >= config.epochs - config.clean_epochs
+    return TrainOptions(label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+                        augment=augment.Augment.none() if clean else augment.PRESETS[config.augment])
 
 
 # Start-up is dominated by compiles: run op by op, each distinct operation and shape compiles a small program
@@ -373,11 +378,21 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256)
         log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]), mesh.size)
         device_data = parallel.put(datasets, parallel.replicated(mesh))
-        compile_start = time.perf_counter()
-        epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size, mesh).compile()
-        log.compiled(time.perf_counter() - compile_start)
+
+        def compiled_epoch(state: TrainState) -> Callable[..., tuple[TrainState, metrics.Metrics]]:
+            compile_start = time.perf_counter()
+            epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size, mesh).compile()
+            log.compiled(time.perf_counter() - compile_start)
+            return epoch_fn
+
+        state = state.replace(options=train_options(config, int(state.epoch)))  # a resumed run may be past a switch
+        epoch_fn = compiled_epoch(state)
         first_step = time.perf_counter()
         while int(state.epoch) < config.epochs:
+            options = train_options(config, int(state.epoch))
+            if options != state.options:  # TrainOptions are static: other options are another program
+                state = state.replace(options=options)
+                epoch_fn = compiled_epoch(state)
             epoch_start = time.perf_counter()
             state, sums = epoch_fn(state, device_data["train"])
             sums = parallel.to_host(sums)

@@ -22,6 +22,8 @@ from digits_jax import config
     ({"ema_decay": -0.1}, r"config.ema_decay = -0.1"),
     ({"warmup_epochs": 6.0}, r"config.warmup_epochs = 6.0: must be >= 0 and below epochs \(6\)"),
     ({"decay_rate": 0.0}, r"config.decay_rate = 0.0"),
+    ({"clean_epochs": 6}, r"config.clean_epochs = 6: must be below epochs \(6\); for no augmentation at all set"),
+    ({"clean_epochs": -1}, r"config.clean_epochs = -1: must be an integer >= 0"),
 ])
 def test_impossible_values_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -13,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from digits_jax import checkpoint, models, optim, train
+from digits_jax import augment, checkpoint, models, optim, train
 
 
 def fresh_state(config, data):
@@ -89,7 +90,8 @@ def test_train_and_evaluate_writes_records_and_checkpoints(tmp_path, tiny_config
     {},
     # Everything that draws random numbers or keeps extra state: dropout, augmentation, batch norm, EMA.
     {"model": "bn", "augment": "elastic", "ema_decay": 0.9, "label_smoothing": 0.1},
-], ids=["seed", "bn-augment-ema"])
+    {"augment": "affine", "clean_epochs": 1},  # resumed in the clean epoch: its own program from the start
+], ids=["seed", "bn-augment-ema", "clean-epochs"])
 def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path, tiny_config, tiny_data, changes):
     tiny_config = tiny_config.replace(**changes)
     whole = train.train_and_evaluate(tiny_config, tmp_path / "whole", datasets=tiny_data)
@@ -104,7 +106,7 @@ def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path,
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(a, b)
     assert [r["epoch"] for r in checkpoint.read_records(crashed)] == [1, 2]
-    if changes:  # batch statistics were learned, and a restore evaluates to the recorded accuracy
+    if "model" in changes:  # batch statistics were learned, and a restore evaluates to the recorded accuracy
         fresh = fresh_state(tiny_config, tiny_data)
         assert not np.allclose(whole.model_state["batch_stats"]["bn1_1"]["mean"],
                                fresh.model_state["batch_stats"]["bn1_1"]["mean"])
@@ -112,6 +114,25 @@ def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path,
         result = train.evaluate(restored.state.apply_fn, restored.state.variables, tiny_data["test"],
                                 tiny_config.eval_batch_size)
         assert result.accuracy == restored.record["test_accuracy"]
+
+
+def test_clean_epochs_train_the_last_epochs_on_unaugmented_images(tmp_path, tiny_config, tiny_data):
+    config = tiny_config.replace(augment="affine", clean_epochs=1)
+    run = train.train_and_evaluate(config, tmp_path / "run", datasets=tiny_data)
+    images = jax.device_put(tiny_data["train"])
+
+    def by_hand(second_epoch_augment):
+        state, _ = train.train_epoch(fresh_state(config, tiny_data), images, config.batch_size)
+        options = dataclasses.replace(state.options, augment=second_epoch_augment)
+        return train.train_epoch(state.replace(options=options), images, config.batch_size)[0]
+
+    assert fresh_state(config, tiny_data).options.augment == augment.PRESETS["affine"]
+    # Equal up to float32 rounding (the run goes through its device mesh), unlike augmenting the second epoch too.
+    clean, augmented = by_hand(augment.Augment.none()), by_hand(augment.PRESETS["affine"])
+    for ours, clean_leaf in zip(jax.tree.leaves(run.params), jax.tree.leaves(clean.params), strict=True):
+        np.testing.assert_allclose(ours, clean_leaf, rtol=1e-4, atol=1e-7)
+    assert not all(np.allclose(a, b, rtol=1e-2, atol=1e-4)
+                   for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(augmented.params), strict=True))
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, tiny_config, tiny_data):
