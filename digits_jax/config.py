@@ -37,9 +37,7 @@ class Config:
     label_smoothing: float = 0.0  # mass moved from the true class to all classes uniformly
     ema_decay: float = 0.0  # > 0: evaluate (and checkpoint) an exponential moving average of the parameters
     augment: str = "none"  # random transform of each training image: a name in digits_jax.augment.PRESETS
-    # The last N epochs train on the images as they are: augmentation resamples (blurs) every training image,
-    # while test images are sharp.
-    clean_epochs: int = 0
+    clean_epochs: int = 0  # the last N epochs (< epochs) train without augmentation, whose resampling blurs images
     batch_size: int = 128  # examples per step
     epochs: int = 6  # passes over the training split
     seed: int = 0  # initial parameters, data order, dropout

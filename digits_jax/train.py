@@ -46,7 +46,7 @@ class TrainState(train_state.TrainState):
       rng: uint32 (2,) key; per-epoch and per-step keys are folded from it.
       model_state: non-parameter variable collections (e.g. batch statistics); empty for the seed CNN.
       ema_params: the moving average of params when options.ema_decay > 0, else None.
-      options: TrainOptions (static, not checkpointed: it comes from the config).
+      options: TrainOptions (static, not checkpointed: `train_options(config, epoch)` gives each epoch's).
     """
 
     epoch: jax.Array
@@ -73,7 +73,8 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
       tx: the optax transformation.
     Returns:
       TrainState with step and epoch int32 scalars at 0, rng a uint32 (2,) key, model_state the module's
-      non-parameter collections.
+      non-parameter collections, options those of epoch 0 (a loop of your own replaces them with each epoch's
+      `train_options` when `config.clean_epochs` is set).
     """
     variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
     params = variables.pop("params")
@@ -378,23 +379,18 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256)
         log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]), mesh.size)
         device_data = parallel.put(datasets, parallel.replicated(mesh))
-
-        def compiled_epoch(state: TrainState) -> Callable[..., tuple[TrainState, metrics.Metrics]]:
-            compile_start = time.perf_counter()
-            epoch_fn = train_epoch.lower(state, device_data["train"], config.batch_size, mesh).compile()
-            log.compiled(time.perf_counter() - compile_start)
-            return epoch_fn
-
-        state = state.replace(options=train_options(config, int(state.epoch)))  # a resumed run may be past a switch
-        epoch_fn = compiled_epoch(state)
-        first_step = time.perf_counter()
+        programs: dict[TrainOptions, Any] = {}  # compiled epochs: the options are static, each its own program
+        first_step = 0.0
         while int(state.epoch) < config.epochs:
-            options = train_options(config, int(state.epoch))
-            if options != state.options:  # TrainOptions are static: other options are another program
-                state = state.replace(options=options)
-                epoch_fn = compiled_epoch(state)
+            state = state.replace(options=train_options(config, int(state.epoch)))
+            if state.options not in programs:
+                compile_start = time.perf_counter()
+                programs[state.options] = train_epoch.lower(state, device_data["train"], config.batch_size,
+                                                            mesh).compile()
+                log.compiled(time.perf_counter() - compile_start)
+                first_step = first_step or time.perf_counter()
             epoch_start = time.perf_counter()
-            state, sums = epoch_fn(state, device_data["train"])
+            state, sums = programs[state.options](state, device_data["train"])
             sums = parallel.to_host(sums)
             _check_finite(state, sums, run.path)
             record = _train_record(state, sums, time.perf_counter() - epoch_start, train["image"].shape[1:])

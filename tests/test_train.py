@@ -92,16 +92,20 @@ def test_train_and_evaluate_writes_records_and_checkpoints(tmp_path, tiny_config
     {"model": "bn", "augment": "elastic", "ema_decay": 0.9, "label_smoothing": 0.1},
     {"augment": "affine", "clean_epochs": 1},  # resumed in the clean epoch: its own program from the start
 ], ids=["seed", "bn-augment-ema", "clean-epochs"])
-def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path, tiny_config, tiny_data, changes):
+def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path, tiny_config, tiny_data, changes,
+                                                                       capsys):
     tiny_config = tiny_config.replace(**changes)
     whole = train.train_and_evaluate(tiny_config, tmp_path / "whole", datasets=tiny_data)
+    assert capsys.readouterr().out.count("compiled") == (2 if "clean_epochs" in changes else 1)
     # A crash before epoch 2 was saved looks like this on disk: that run with its checkpoint 2 absent.
     crashed = tmp_path / "crashed"
     shutil.copytree(tmp_path / "whole", crashed)
     shutil.rmtree(crashed / "checkpoints" / "2")
     with pytest.raises(FileExistsError, match="pass --resume"):
         train.train_and_evaluate(tiny_config, crashed, datasets=tiny_data)
+    capsys.readouterr()
     resumed = train.train_and_evaluate(tiny_config, crashed, resume=True, datasets=tiny_data)
+    assert capsys.readouterr().out.count("compiled") == 1  # only the program of the epoch left to train
     assert int(resumed.epoch) == int(whole.epoch) and int(resumed.step) == int(whole.step)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(a, b)
@@ -114,6 +118,11 @@ def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path,
         result = train.evaluate(restored.state.apply_fn, restored.state.variables, tiny_data["test"],
                                 tiny_config.eval_batch_size)
         assert result.accuracy == restored.record["test_accuracy"]
+
+
+def test_train_options_drop_augmentation_in_the_last_clean_epochs(tiny_config):
+    config = tiny_config.replace(augment="affine", epochs=6, clean_epochs=2)
+    assert [train.train_options(config, e).augment.is_identity for e in range(6)] == [False] * 4 + [True] * 2
 
 
 def test_clean_epochs_train_the_last_epochs_on_unaugmented_images(tmp_path, tiny_config, tiny_data):
