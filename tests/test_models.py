@@ -118,9 +118,36 @@ def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches, tra
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("shape,padding", [((2, 12, 12, 5), "VALID"), ((2, 11, 8, 3), "VALID"),
+                                           ((1, 3, 3, 2), "VALID"), ((2, 9, 10, 4), "SAME")])
+def test_winograd_conv_matches_flax_conv(shape, padding):
+    # Even and odd output sides (odd ones go through a zero-padded extra tile), the smallest input, SAME padding.
+    x = normal(0, shape)
+    ours = models.Conv(7, 3, padding, patches="winograd")
+    params = jax.jit(ours.init)(jax.random.PRNGKey(1), x)
+    reference = nn.Conv(7, (3, 3), padding=padding)
+    expected = jitted(reference)(params, x)
+    np.testing.assert_allclose(jitted(ours, train=True)(params, x), expected, rtol=1e-5, atol=1e-5)
+    weights = normal(2, expected.shape)
+    grad_ours = jax.jit(jax.grad(lambda p, v: jnp.sum(ours.apply(p, v, True) * weights), argnums=(0, 1)))(params, x)
+    grad_ref = jax.jit(jax.grad(lambda p, v: jnp.sum(reference.apply(p, v) * weights), argnums=(0, 1)))(params, x)
+    for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_ref), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_winograd_conv3x3_against_numpy():
+    # An independent reference: the convolution as nine shifted NumPy products, in float64.
+    x, kernel = normal(3, (2, 7, 6, 3)), normal(4, (3, 3, 3, 5))
+    expected = sum(np.einsum("nhwc,cf->nhwf", x[:, i:i + 5, j:j + 4].astype(np.float64), kernel[i, j])
+                   for i in range(3) for j in range(3))
+    np.testing.assert_allclose(jax.jit(models.winograd_conv3x3)(x, kernel), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_conv_rejects_unknown_patches_mode():
-    with pytest.raises(ValueError, match="'full', 'by_rows' or 'columns'; got 'rows'"):
+    with pytest.raises(ValueError, match="'full', 'by_rows', 'columns' or 'winograd'; got 'rows'"):
         models.Conv(6, patches="rows").init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 1)))
+    with pytest.raises(ValueError, match="'winograd' needs kernel_size 3 and strides 1; got 5 and 1"):
+        models.Conv(6, 5, patches="winograd").init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 1)))
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (1, 11, 11, 2), (3, 4, 7, 1)])
