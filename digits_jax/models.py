@@ -1,10 +1,11 @@
 """Flax CNNs mapping images (N, H, W, C) float32 in [0, 1] to logits (N, num_classes), and a registry by name.
 
 Convolutions are computed as im2col (the k*k shifted slices concatenated along channels, then one 2-D
-matmul) and max-pooling as crop + reshape + max: on XLA:CPU these are several times faster than
-`nn.Conv` and `nn.max_pool` (whose gradient, select-and-scatter, is the slowest op there) and they stay
-fast inside `lax.scan`. Parameters are laid out exactly as `nn.Conv`'s, so results match it. Batch norm
-has its training gradient written out (`BatchNorm`), with `nn.BatchNorm`'s variables.
+matmul; the seed CNN's second one by Winograd's minimal filtering instead) and max-pooling as crop +
+reshape + max: on XLA:CPU these are several times faster than `nn.Conv` and `nn.max_pool` (whose
+gradient, select-and-scatter, is the slowest op there) and they stay fast inside `lax.scan`. Parameters
+are laid out exactly as `nn.Conv`'s, so results match it. Batch norm has its training gradient written
+out (`BatchNorm`), with `nn.BatchNorm`'s variables.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ KERAS_INIT: Initializer = nn.initializers.glorot_uniform()
 class Conv(nn.Module):
     """Square convolution, NHWC, the same stride along both axes; kernel (k, k, Cin, features) as in `nn.Conv`.
 
-    Training uses im2col, whose gradient is fast on XLA:CPU inside `lax.scan`; inference (`train=False`)
-    uses XLA's own convolution, whose forward pass is about 3x faster there. Both give the same numbers
-    up to float32 summation order.
+    Training uses im2col or Winograd (`patches`), whose gradients are fast on XLA:CPU inside `lax.scan`;
+    inference (`train=False`) uses XLA's own convolution, whose forward pass is about 3x faster there. All
+    give the same numbers up to float32 rounding.
     """
 
     features: int
@@ -45,7 +46,7 @@ class Conv(nn.Module):
     #   then each output row sums its k shifted input rows' products. No k*k-wide patches in either direction
     #   (nor their gradient's k*k-way sum), for (out_rows + k - 1) / out_rows times the matmul FLOPs at stride 1.
     # "winograd": no patches; 3x3 at stride 1 only, by Winograd's F(2x2, 3x3) (`winograd_conv3x3`): 2.25x fewer
-    #   multiplications, equal to the others up to float32 rounding (~1e-6 relative).
+    #   multiplications at even output sides, equal to the others up to float32 rounding (~1e-6 of the largest output).
     # On XLA:CPU "by_rows" made the seed CNN's training step ~8% faster than "full" and the "bn" model's ~15%
     # slower; "columns" made the steps of "s2d16" (second convolution) and "bn" (all but the first) ~10-16% faster
     # and the seed CNN's no faster than "by_rows" (AVX2 machine, 2026-12-02).
@@ -66,12 +67,12 @@ class Conv(nn.Module):
         if self.padding == "SAME":
             pads = [max((-(-side // s) - 1) * s + k - side, 0) for side in x.shape[1:3]]
             x = jnp.pad(x, ((0, 0), *((p // 2, p - p // 2) for p in pads), (0, 0)))
+        if self.patches == "winograd":
+            return winograd_conv3x3(x, kernel) + bias
         n, h, w, _ = x.shape
         oh, ow = (h - k) // s + 1, (w - k) // s + 1
         # Window offset i spans input rows i, i + s, ..., i + s * (oh - 1); the same for columns.
         span_h, span_w = s * (oh - 1) + 1, s * (ow - 1) + 1
-        if self.patches == "winograd":
-            return winograd_conv3x3(x, kernel) + bias
         if self.patches == "columns":
             rows = jnp.concatenate([x[:, :, j:j + span_w:s, :] for j in range(k)], axis=-1)  # (N, H, OW, (dj, c))
             # Column block i of the weights is kernel row i.
@@ -116,7 +117,8 @@ def _winograd_input(x: jax.Array, axis: int, tiles: int) -> list[jax.Array]:
 
 def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """VALID, stride-1 3x3 convolution by Winograd's F(2x2, 3x3): 16 matmuls (N*T, Cin) x (Cin, F) over the T
-    2x2 output tiles, 2.25x fewer multiplications than im2col's one (N*T*4, 9*Cin) x (9*Cin, F), and no patches.
+    2x2 output tiles, against im2col's one (N*OH*OW, 9*Cin) x (9*Cin, F): 2.25x fewer multiplications when the
+    output sides are even, and no patches.
 
     Args:
       x: float32 (N, H, W, Cin), H and W >= 3.
@@ -129,11 +131,11 @@ def winograd_conv3x3(x: jax.Array, kernel: jax.Array) -> jax.Array:
     features = kernel.shape[-1]
     tiles_h, tiles_w = -(-(h - 2) // 2), -(-(w - 2) // 2)
     # An odd output side gets one extra row (column) of zeros in, whose outputs are cropped at the end.
-    if (h % 2, w % 2) != (0, 0):
-        x = jnp.pad(x, ((0, 0), (0, 2 * tiles_h + 2 - h), (0, 2 * tiles_w + 2 - w), (0, 0)))
+    x = jnp.pad(x, ((0, 0), (0, 2 * tiles_h + 2 - h), (0, 2 * tiles_w + 2 - w), (0, 0)))
     tiles = [t for rows in _winograd_input(x, 1, tiles_h) for t in _winograd_input(rows, 2, tiles_w)]
     u = jnp.einsum("ai,ijcf,bj->abcf", _WINOGRAD_G, kernel, _WINOGRAD_G).reshape(16, cin, features)
-    # Separate 2-D matmuls: on XLA:CPU one batched dot_general of the 16 was ~1.5x slower per training step.
+    # Separate 2-D matmuls: one batched dot_general of the 16 made the seed CNN's training step ~1.5x slower (XLA:CPU,
+    # AVX-512 machine, 2026-12-04, one process alternating the two).
     m = [(t.reshape(-1, cin) @ u[i]).reshape(n, tiles_h, tiles_w, features) for i, t in enumerate(tiles)]
     # A^T = [[1, 1, 1, 0], [0, 1, -1, -1]] along rows (m[4 * a + b]: row a, column b of the 4x4 tile), then columns.
     rows = [[m[b] + m[4 + b] + m[8 + b] for b in range(4)], [m[4 + b] - m[8 + b] - m[12 + b] for b in range(4)]]
@@ -217,16 +219,13 @@ class CNN(nn.Module):
 
     convs: Sequence[tuple[int, int]] = ((32, 3), (64, 3))
     dense: int = 128
+    patches: Sequence[str] = ("by_rows", "by_rows")  # each convolution's `Conv.patches`
     num_classes: int = 10
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
         x = x[:, :used_extent(x.shape[1], self.convs), :used_extent(x.shape[2], self.convs)]
-        for i, (features, kernel_size) in enumerate(self.convs, 1):
-            # Winograd for the second convolution: the seed CNN's compiled epoch 1.09x faster on average (0.93-1.21x
-            # in 4 pairs of alternating processes), its per-step path 1.02-1.25x (AVX-512 machine, 2026-12-04). On
-            # the one-channel image its 16 matmuls would each have one input.
-            patches = "winograd" if kernel_size == 3 and i > 1 else "by_rows"
+        for i, ((features, kernel_size), patches) in enumerate(zip(self.convs, self.patches, strict=True), 1):
             x = max_pool(nn.relu(Conv(features, kernel_size, patches=patches, name=f"conv{i}")(x, train)))
         x = x.reshape(x.shape[0], -1)
         x = nn.relu(nn.Dense(self.dense, kernel_init=KERAS_INIT, name="dense1")(x))
@@ -392,7 +391,10 @@ class SpaceToDepthCNN(nn.Module):
 
 MODELS: dict[str, Callable[..., nn.Module]] = {
     # The seed project's CNN: conv32 3x3 -> pool -> conv64 3x3 -> pool -> dense128 -> dense.
-    "seed": functools.partial(CNN, convs=((32, 3), (64, 3)), dense=128),
+    # Winograd for its second convolution: the compiled epoch 1.09x faster on average (0.93-1.21x in 4 pairs of
+    # alternating processes), the per-step path 1.02-1.25x (AVX-512 machine, 2026-12-04). Not for the first: on the
+    # one-channel image each of its 16 matmuls would have one input.
+    "seed": functools.partial(CNN, convs=((32, 3), (64, 3)), dense=128, patches=("by_rows", "winograd")),
     # The layout of a well-known fast PyTorch MNIST recipe, about half the seed's FLOPs.
     "fast": functools.partial(CNN, convs=((24, 5), (32, 3)), dense=256),
     # Space-to-depth, then two 3x3 convs at half resolution. The fast preset's until 2026-12-02; kept so that

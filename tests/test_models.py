@@ -119,7 +119,7 @@ def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches, tra
 
 
 @pytest.mark.parametrize("shape,padding", [((2, 12, 12, 5), "VALID"), ((2, 11, 8, 3), "VALID"),
-                                           ((1, 3, 3, 2), "VALID"), ((2, 9, 10, 4), "SAME")])
+                                           ((2, 8, 11, 3), "VALID"), ((1, 3, 3, 2), "VALID"), ((2, 9, 10, 4), "SAME")])
 def test_winograd_conv_matches_flax_conv(shape, padding):
     # Even and odd output sides (odd ones go through a zero-padded extra tile), the smallest input, SAME padding.
     x = normal(0, shape)
@@ -148,6 +148,8 @@ def test_conv_rejects_unknown_patches_mode():
         models.Conv(6, patches="rows").init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 1)))
     with pytest.raises(ValueError, match="'winograd' needs kernel_size 3 and strides 1; got 5 and 1"):
         models.Conv(6, 5, patches="winograd").init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 1)))
+    with pytest.raises(ValueError, match="'winograd' needs kernel_size 3 and strides 1; got 3 and 2"):
+        models.Conv(6, 3, strides=2, patches="winograd").init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 1)))
 
 
 @pytest.mark.parametrize("shape", [(2, 26, 26, 3), (1, 11, 11, 2), (3, 4, 7, 1)])
