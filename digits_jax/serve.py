@@ -72,11 +72,14 @@ def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000) -> No
     # Compile now, so that the first stroke is answered at once.
     predictor.predict(np.zeros((1, 28, 28, 1), np.uint8))
 
+    stoppers: list[threading.Thread] = []
+
     def stop(signum: int, frame: object) -> None:
         # Ask the loop to end rather than raise KeyboardInterrupt wherever the main thread happens to be (one CI
         # run hung after Ctrl-C; an interrupt inside socketserver's thread start-up is the suspect). shutdown()
         # waits for the loop, so it must run on another thread.
-        threading.Thread(target=server.shutdown, daemon=True).start()
+        stoppers.append(threading.Thread(target=server.shutdown, daemon=True))
+        stoppers[-1].start()
 
     previous = {signum: signal.signal(signum, stop) for signum in (signal.SIGINT, signal.SIGTERM)}
     print(f"drawing page at {server.url} (Ctrl-C stops)", flush=True)
@@ -87,6 +90,10 @@ def serve(predictor: Predictor, host: str = "127.0.0.1", port: int = 8000) -> No
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         server.server_close()
+        # A daemon thread still running when the interpreter exits is ended by pthread_exit; under load this one
+        # sometimes was, and the process aborted ("FATAL: exception not rethrown", 2 of 20 Ctrl-Cs). Wait for it.
+        for thread in stoppers:
+            thread.join()
 
 
 def predict_png(predictor: Predictor, body: bytes) -> dict[str, Any]:
