@@ -106,9 +106,13 @@ def test_seed_cnn_matches_plain_flax_forward_and_gradient():
     (5, "SAME", 2, 2), (3, "VALID", 2, 3)])
 def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches, train):
     x = normal(0, (2, 11, 10, cin))
-    ours = models.Conv(6, kernel_size, padding, strides, patches=patches)
+    assert_conv_matches(models.Conv(6, kernel_size, padding, strides, patches=patches),
+                        nn.Conv(6, (kernel_size, kernel_size), strides=strides, padding=padding), x, train)
+
+
+def assert_conv_matches(ours, reference, x, train):
+    """Outputs and gradients (parameters and input) of `ours` equal those of the flax `reference` on `x`."""
     params = jax.jit(ours.init)(jax.random.PRNGKey(1), x)
-    reference = nn.Conv(6, (kernel_size, kernel_size), strides=strides, padding=padding)
     expected = jitted(reference)(params, x)
     np.testing.assert_allclose(jitted(ours, train=train)(params, x), expected, rtol=1e-5, atol=1e-5)
     weights = normal(2, expected.shape)
@@ -123,16 +127,7 @@ def test_conv_matches_flax_conv(kernel_size, padding, strides, cin, patches, tra
 def test_winograd_conv_matches_flax_conv(shape, padding):
     # Even and odd output sides (odd ones go through a zero-padded extra tile), the smallest input, SAME padding.
     x = normal(0, shape)
-    ours = models.Conv(7, 3, padding, patches="winograd")
-    params = jax.jit(ours.init)(jax.random.PRNGKey(1), x)
-    reference = nn.Conv(7, (3, 3), padding=padding)
-    expected = jitted(reference)(params, x)
-    np.testing.assert_allclose(jitted(ours, train=True)(params, x), expected, rtol=1e-5, atol=1e-5)
-    weights = normal(2, expected.shape)
-    grad_ours = jax.jit(jax.grad(lambda p, v: jnp.sum(ours.apply(p, v, True) * weights), argnums=(0, 1)))(params, x)
-    grad_ref = jax.jit(jax.grad(lambda p, v: jnp.sum(reference.apply(p, v) * weights), argnums=(0, 1)))(params, x)
-    for a, b in zip(jax.tree.leaves(grad_ours), jax.tree.leaves(grad_ref), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+    assert_conv_matches(models.Conv(7, 3, padding, patches="winograd"), nn.Conv(7, (3, 3), padding=padding), x, True)
 
 
 def test_winograd_conv3x3_against_numpy():
