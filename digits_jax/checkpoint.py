@@ -61,14 +61,19 @@ def state_digest(state: Any) -> str:
     return digest.hexdigest()
 
 
-def _manager(directory: Path, keep: int = 1, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory: Path, keep: int = 1, read_only: bool = False,
+             track_best: bool = False) -> ocp.CheckpointManager:
     # Latest `keep` for resuming, plus the best by validation accuracy for evaluation.
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
         policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False),
     ])
+    # Orbax writes each step's metrics to disk only when `best_fn` is set: without them on disk, a resumed process
+    # saw no metrics for the older steps, and its first save deleted the best one. (Set without a validation
+    # split, Orbax would warn at every save that no metrics came.)
+    best = {"best_fn": lambda m: m[BEST_METRIC], "best_mode": "max"} if track_best else {}
     # Synchronous saves: the train state is donated to the next epoch, so it must be on disk first.
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, enable_async_checkpointing=False,
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, **best, enable_async_checkpointing=False,
                                            create=not read_only, read_only=read_only,
                                            save_interval_steps=0 if read_only else 1,
                                            cleanup_tmp_directories=not read_only)
@@ -108,7 +113,7 @@ class RunDir:
             self._lock = _take_lock(self.path) if self.primary else None
         except OSError as e:
             raise OSError(f"cannot write to run directory {self.path}: {e.strerror}; choose another --workdir") from e
-        self.manager = _manager(self.path / CHECKPOINTS, keep)
+        self.manager = _manager(self.path / CHECKPOINTS, keep, track_best=config.validation_size > 0)
 
     def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None) -> Any:
         """Returns `state` restored from the newest intact checkpoint when resuming, else `state` unchanged.
@@ -265,7 +270,9 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
     def abstract_state(meta: Any) -> Any:
         config = Config.from_dict(meta.config)
         net = model if model is not None else models.create(config.model, config.num_classes)
-        optimizer = tx if tx is not None else optim.optimizer(config, steps_per_epoch=1)
+        # The schedule is sized by the steps per epoch the run had, so that training on continues it.
+        steps_per_epoch = meta.record["step"] // meta.record["epoch"]
+        optimizer = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
         shapes = jax.eval_shape(lambda: create_train_state(config, net, tuple(meta.record["image_shape"]), optimizer))
         sharding = parallel.replicated(mesh) if mesh is not None else _first_device()
         return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)

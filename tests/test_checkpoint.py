@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from digits_jax import checkpoint, train
+from digits_jax import checkpoint, optim, train
 
 
 @pytest.fixture(scope="module")
@@ -72,3 +72,30 @@ def test_a_config_this_version_cannot_build_is_an_error_not_damage(tmp_path, fin
     with pytest.raises(ValueError, match=r"checkpoints/2 was saved with a config this digits_jax cannot use: "
                                          r"unknown config keys \['from_the_future'\]"):
         checkpoint.restore(workdir, step="latest")
+
+
+def test_the_best_checkpoint_survives_a_resume(tmp_path, tiny_config):
+    # Orbax keeps the best checkpoint only while it can read back each step's metrics; a resumed process must too.
+    state = {"w": jax.numpy.zeros(3)}
+    accuracies = {1: 0.9, 2: 0.5, 3: 0.5, 4: 0.5, 5: 0.5}
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
+        run.restore_or_start(state, resume=False)
+        for epoch in (1, 2, 3):
+            run.save(state, {"epoch": epoch, "validation_accuracy": accuracies[epoch]})
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
+        run.restore_or_start(state, resume=True)
+        for epoch in (4, 5):
+            run.save(state, {"epoch": epoch, "validation_accuracy": accuracies[epoch]})
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 5]
+
+
+def test_a_restored_state_trains_on_with_the_runs_schedule(tmp_path, tiny_config, tiny_data):
+    config = tiny_config.replace(schedule="onecycle", learning_rate=1e-2)
+    train.train_and_evaluate(config, tmp_path, datasets=tiny_data)
+    steps_per_epoch = len(tiny_data["train"]["label"]) // config.batch_size
+    default = checkpoint.restore(tmp_path, step=1).state  # mid-schedule
+    explicit = checkpoint.restore(tmp_path, step=1, tx=optim.optimizer(config, steps_per_epoch)).state
+    batch = {k: v[:config.batch_size] for k, v in tiny_data["train"].items()}
+    for a, b in zip(jax.tree.leaves(train.train_step(default, batch)[0].params),
+                    jax.tree.leaves(train.train_step(explicit, batch)[0].params), strict=True):
+        np.testing.assert_array_equal(a, b)
