@@ -8,7 +8,6 @@ placed in a 28x28 field so that their centre of mass sits at its centre, as brig
 from __future__ import annotations
 
 import dataclasses
-import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from digits_jax import checkpoint, train
+from digits_jax import checkpoint, ensemble
 
 SIZE = 28  # MNIST's field
 BOX = 20  # MNIST's digits fit a BOX x BOX square inside it
@@ -162,11 +161,6 @@ def _centre(digit: np.ndarray) -> np.ndarray:
     return np.round(255.0 * field).astype(np.uint8)
 
 
-@functools.partial(jax.jit, static_argnames="apply_fn")
-def _probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array) -> jax.Array:
-    return jax.nn.softmax(apply_fn(variables, train.preprocess(images), train=False), axis=-1)
-
-
 class Predictor:
     """A trained model that maps batches of MNIST-like images to class probabilities."""
 
@@ -198,7 +192,7 @@ class Predictor:
         n = len(images)
         padded = np.zeros((1 << max(n - 1, 0).bit_length(), *self.image_shape), np.uint8)
         padded[:n] = images
-        return np.asarray(_probabilities(self.apply_fn, self.variables, padded))[:n]
+        return ensemble.probabilities(self.apply_fn, self.variables, padded, batch_size=len(padded))[:n]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from digits_jax import checkpoint, data, train
-from digits_jax.predict import Predictor
+from digits_jax import checkpoint, data, ensemble, train
 
 CURVES, CONFUSION, MISTAKES, MARKDOWN = "curves.png", "confusion.png", "mistakes.png", "report.md"
 FIGURES = (CURVES, CONFUSION, MISTAKES)
@@ -43,9 +42,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     test = data.load(config)["test"]
     state = restored.state
     result = train.evaluate(state.apply_fn, state.variables, test, config.eval_batch_size, tta_shift=config.tta_shift)
-    predictor = Predictor(state.apply_fn, state.variables, restored.record["image_shape"])
-    batches = range(0, len(test["label"]), config.eval_batch_size)
-    probabilities = np.concatenate([predictor.predict(test["image"][i:i + config.eval_batch_size]) for i in batches])
+    # With the run's test-time shifts, as `result`: the mistakes shown are the ones its accuracy counts.
+    probabilities = ensemble.probabilities(state.apply_fn, state.variables, test["image"], config.eval_batch_size,
+                                           config.tta_shift)
 
     out.mkdir(parents=True, exist_ok=True)
     plot_curves(records, restored.epoch).savefig(out / CURVES, dpi=100)

@@ -14,7 +14,8 @@ from digits_jax import checkpoint, cli, report, train
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config):
     workdir = tmp_path_factory.mktemp("report") / "tiny"
-    train.train_and_evaluate(tiny_config, workdir)  # all 10,000 test images, as the report evaluates
+    # All 10,000 test images, as the report evaluates; with test-time shifts, which the mistakes must use too.
+    train.train_and_evaluate(tiny_config.replace(tta_shift=1), workdir)
     return workdir
 
 
@@ -32,7 +33,8 @@ def test_report_writes_its_figures_into_the_run_directory_and_links_them(tiny_ru
     best = checkpoint.best_record(checkpoint.read_records(tiny_run))
     assert f"epoch {best['epoch']}" in text
     assert f"**{100 * best['test_accuracy']:.2f}%**" in text  # re-evaluated: the accuracy recorded at save time
-    assert re.search(r"\(10,000 images, \d+ wrong\)", text)
+    wrong = re.search(r"\(10,000 images, (\d+) wrong\)", text)
+    assert wrong and int(wrong[1]) == round(10_000 * (1 - best["test_accuracy"]))
 
 
 def test_mistakes_are_the_most_confident_wrong_predictions():
