@@ -131,7 +131,9 @@ class RunDir:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
                                   "pass --resume to continue it, or choose a new --workdir")
         saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
-        changed = saved.changed_fields(self.config)
+        # Where the data came from may change (e.g. --data-dir for $DIGITS_JAX_DATA_DIR): the data's SHA-256 below
+        # checks that they are the same.
+        changed = [name for name in saved.changed_fields(self.config) if name != "data_dir"]
         if changed:
             raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
                              "config.json; resume with the same config or start a new --workdir")
@@ -210,10 +212,16 @@ def read_records(workdir: str | Path) -> list[dict[str, Any]]:
     path = Path(workdir) / METRICS
     if not path.exists():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
-    records = [json.loads(line) for line in lines[:-1]]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for number, line in lines[:-1]:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}, line {number}: not a JSON record ({error}); the file was edited or damaged: "
+                             "delete that line (each checkpoint also holds its epoch's record)") from None
     with contextlib.suppress(json.JSONDecodeError):
-        records += [json.loads(line) for line in lines[-1:]]
+        records += [json.loads(line) for _, line in lines[-1:]]
     return records
 
 
@@ -319,8 +327,9 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
                                  "it: pass the model= and tx= it was trained with (or the same config: e.g. "
                                  "ema_decay changes the state), or it was saved by an older digits_jax") from error
             _warn_skipped(where, error)
-    raise FileNotFoundError(f"no intact checkpoint in {directory} (tried epochs {list(steps)}); if they are intact, "
-                            "check that model= and tx= match the ones that were trained")
+    raise FileNotFoundError(f"no intact checkpoint in {directory} (tried epochs {list(steps)}): move that directory "
+                            "aside and train again in a new --workdir (from Python: if they are intact, check that "
+                            "model= and tx= match the ones that were trained)")
 
 
 def _warn_skipped(where: Path, error: Exception) -> None:

@@ -43,7 +43,8 @@ def _eval(args: argparse.Namespace) -> int:
     _check_nonempty(split, path, args.split)
     result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size,
                             tta_shift=config.tta_shift)
-    recorded = restored.record.get(f"{args.split}_accuracy")
+    # The record's train accuracy is the running one over the epoch's augmented steps, not this model's on the split.
+    recorded = restored.record.get(f"{args.split}_accuracy") if args.split != "train" else None
     report = {"checkpoint": str(path), "epoch": restored.epoch, "split": args.split,
               "count": result.count, "accuracy": result.accuracy, "loss": result.loss,
               "recorded_accuracy": recorded, "per_class_accuracy": result.per_class_accuracy.tolist()}
@@ -162,7 +163,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="default", choices=sorted(config_lib.PRESETS), help="preset to start from")
     t.add_argument("--workdir", help="run directory (default: runs/CONFIG_NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
-    t.add_argument("--data-dir", help="directory of IDX files (default: $DIGITS_JAX_DATA_DIR, else tfds)")
+    t.add_argument("--data-dir", help="directory of IDX files (default: $DIGITS_JAX_DATA_DIR for MNIST, else tfds)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set epochs=3 (repeatable)")
     t.set_defaults(run=_train)

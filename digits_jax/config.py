@@ -80,8 +80,18 @@ class Config:
             raise ValueError(f"config.b1 = {self.b1!r}, config.b2 = {self.b2!r}: both must be in [0, 1)")
         if not isinstance(self.shard_params, bool):
             raise ValueError(f"config.shard_params = {self.shard_params!r}: must be true or false")
-        if self.weight_decay < 0:
+        if not self.weight_decay >= 0:  # also NaN
             raise ValueError(f"config.weight_decay = {self.weight_decay!r}: must be >= 0")
+        # Settings that would be ignored are refused, so that a run never silently differs from what was asked.
+        if self.weight_decay > 0 and self.optimizer == "adam":
+            raise ValueError(f"config.weight_decay = {self.weight_decay!r} has no effect with optimizer='adam': set "
+                             "optimizer=adamw (decoupled decay) or sgd")
+        if self.warmup_epochs > 0 and self.schedule in ("constant", "onecycle"):
+            raise ValueError(f"config.warmup_epochs = {self.warmup_epochs!r} has no effect with schedule="
+                             f"{self.schedule!r}: warm-up applies to 'cosine' and 'exponential' ('onecycle' has its "
+                             "own)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"config.seed = {self.seed!r}: must be an integer in [0, 2**32) (JAX keys are 32-bit)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"config.optimizer = {self.optimizer!r}: choose one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:

@@ -129,8 +129,8 @@ def _read_verified(path: Path, name: str, ndim: int, verify_mnist: bool) -> np.n
         if actual != MNIST_SHA256[name]:
             raise DataError(f"{path}: checksum mismatch: expected sha256 {MNIST_SHA256[name]}, found {actual} "
                             f"(of the uncompressed content); the file is corrupt or not the official MNIST. "
-                            f"Download it again, or set config.dataset to another name (e.g. 'custom') to load "
-                            f"it without the MNIST pins")
+                            f"Download it again, or load it without the MNIST pins as another dataset: "
+                            f"--data-dir DIR --set dataset=custom")
     return array
 
 
@@ -176,8 +176,8 @@ def load_idx_dir(directory: str | os.PathLike[str], *, verify_mnist: bool) -> Sp
     return _load_idx_dir(Path(directory), verify_mnist)[0]
 
 
-_USE_IDX_DIR = (f"set --data-dir or ${DATA_DIR_ENV} to a directory of IDX files (train-images-idx3-ubyte.gz etc.) "
-                f"instead")
+_USE_IDX_DIR = (f"give --data-dir a directory of IDX files (train-images-idx3-ubyte.gz etc.) instead (for MNIST, "
+                f"${DATA_DIR_ENV} works too)")
 
 
 def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> Splits:

@@ -42,6 +42,9 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: no such file; check the path") from None
     except IsADirectoryError:
         raise ValueError(f"{path}: is a directory; give the image files in it") from None
+    except PermissionError:
+        raise ValueError(f"{path}: permission denied; make the file readable (chmod) or copy it somewhere "
+                         "readable") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image that Pillow can decode; give a PNG or JPEG file") from None
     except (OSError, Image.DecompressionBombError) as error:

@@ -61,12 +61,12 @@ def main() -> None:
     test = train.evaluate(chosen.state.apply_fn, chosen.state.variables, splits["test"],
                           run_config.eval_batch_size, tta_shift=run_config.tta_shift)
     validation = chosen.record.get("validation_accuracy")  # None: no validation split, the last epoch
-    summary = {"workdir": workdir, "model": run_config.model, "seed": args.seed, "chosen_epoch": chosen.epoch,
+    summary = {"workdir": workdir, "model": run_config.model, "seed": run_config.seed, "chosen_epoch": chosen.epoch,
                "validation_accuracy": validation, "test_accuracy": test.accuracy,
                "wall_seconds": time.perf_counter() - start}
     how = "the last epoch" if validation is None else f"chosen by validation {100 * validation:.2f}%"
-    print(f"best recipe ({run_config.model}), seed {args.seed}: test accuracy {100 * test.accuracy:.2f}% at epoch "
-          f"{chosen.epoch} ({how}), {summary['wall_seconds']:.0f} s wall (this call)")
+    print(f"best recipe ({run_config.model}), seed {run_config.seed}: test accuracy {100 * test.accuracy:.2f}% at "
+          f"epoch {chosen.epoch} ({how}), {summary['wall_seconds']:.0f} s wall (this call)")
     print(json.dumps(summary))
 
 

@@ -99,3 +99,11 @@ def test_a_restored_state_trains_on_with_the_runs_schedule(tmp_path, tiny_config
     for a, b in zip(jax.tree.leaves(train.train_step(default, batch)[0].params),
                     jax.tree.leaves(train.train_step(explicit, batch)[0].params), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_damaged_line_in_the_records_is_named(tmp_path):
+    (tmp_path / checkpoint.METRICS).write_text('{"epoch": 1}\n{"epo\n{"epoch": 3}\n{"ep')
+    with pytest.raises(ValueError, match=f"{tmp_path / checkpoint.METRICS}, line 2: not a JSON record"):
+        checkpoint.read_records(tmp_path)
+    (tmp_path / checkpoint.METRICS).write_text('{"epoch": 1}\n{"ep')  # a last line cut short by a crash
+    assert checkpoint.read_records(tmp_path) == [{"epoch": 1}]

@@ -205,6 +205,9 @@ def test_resume_on_different_data_is_refused(tmp_path, tiny_config, tiny_data):
     with pytest.raises(ValueError, match=r"the data differ from what it was trained on"):
         train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=other)
     train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=tiny_data)
+    # The same data from another directory (e.g. --data-dir where $DIGITS_JAX_DATA_DIR was) resumes.
+    moved = tiny_config.replace(epochs=1, data_dir=str(tmp_path / "elsewhere"))
+    assert int(train.train_and_evaluate(moved, tmp_path, resume=True, datasets=tiny_data).epoch) == 1
 
 
 class Linear(nn.Module):
