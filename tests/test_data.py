@@ -159,7 +159,7 @@ def test_checksum_mismatch(tmp_path: Path) -> None:
     make_idx_dir(tmp_path)
     expected = data.MNIST_SHA256["train-images-idx3-ubyte"]
     with pytest.raises(DataError, match=f"checksum mismatch: expected sha256 {expected}, found [0-9a-f]{{64}}.*"
-                                        f"not the official MNIST.*config.dataset") as info:
+                                        f"not the official MNIST.*--data-dir DIR --set dataset=custom") as info:
         load_idx_dir(tmp_path, verify_mnist=True)
     assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(info.value)
     # The pins apply to config.dataset == "mnist" only.
@@ -282,8 +282,8 @@ def test_tfds_failure_explains_the_alternative(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(tfds, "data_source", offline)
     # Not a dataset tfds downloads as IDX files: without TensorFlow those never get here (see the tests below).
-    with pytest.raises(DataError, match=f"could not download, prepare or read 'cifar10'.*--data-dir or "
-                                        f"\\${DATA_DIR_ENV}") as info:
+    with pytest.raises(DataError, match=f"could not download, prepare or read 'cifar10'.*give --data-dir a "
+                                        f"directory of IDX files.*for MNIST, \\${DATA_DIR_ENV} works too") as info:
         load_tfds("cifar10")
     assert isinstance(info.value.__cause__, ConnectionError)
 
@@ -443,8 +443,8 @@ def test_tfds_without_tensorflow_offline(tmp_path: Path, monkeypatch: pytest.Mon
     without_tensorflow()
     requested = serve_urls(monkeypatch, {})
     with pytest.raises(DataError, match="cannot prepare 'mnist' without TensorFlow, and downloading its IDX files "
-                                        f"with its download manager failed .*no network.*--data-dir or "
-                                        f"\\${DATA_DIR_ENV} to a directory of IDX files") as info:
+                                        "with its download manager failed .*no network.*give --data-dir a "
+                                        "directory of IDX files") as info:
         load_tfds("mnist", data_dir=tmp_path)
     assert requested and set(requested) <= set(MNIST_URLS)
     assert isinstance(info.value.__cause__, ConnectionError)
@@ -456,7 +456,7 @@ def test_tfds_without_tensorflow_other_datasets(tmp_path: Path, monkeypatch: pyt
     monkeypatch.setattr(tfds, "data_source", fail_like_missing_tensorflow)
     # EMNIST's builder derives from MNIST's but downloads a zip: no IDX fallback, the TensorFlow advice instead.
     with pytest.raises(DataError, match="could not prepare 'emnist': .* needs TensorFlow, which digits_jax does not "
-                                        f"install .*tfds build emnist.*--data-dir or \\${DATA_DIR_ENV}"):
+                                        "install .*tfds build emnist.*give --data-dir a directory of IDX files"):
         load_tfds("emnist", data_dir=tmp_path)
     assert requested == []
 
