@@ -209,8 +209,10 @@ def log_probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images
         return jax.nn.log_softmax(apply_fn(variables, images, train=False))
     s = tta_shift
     views = [images] + [translate(images, dy, dx) for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s))]
-    probabilities = jax.nn.softmax(apply_fn(variables, jnp.concatenate(views), train=False))
-    return jnp.log(probabilities.reshape(len(views), images.shape[0], -1).mean(axis=0))
+    log_p = jax.nn.log_softmax(apply_fn(variables, jnp.concatenate(views), train=False))
+    # log(mean(p)) in log space: a probability that underflows to 0 in every view would give log 0 = -inf, and the
+    # cross-entropy 0 * -inf = NaN even where the prediction is right.
+    return jax.nn.logsumexp(log_p.reshape(len(views), images.shape[0], -1), axis=0) - jnp.log(len(views))
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "tta_shift"))

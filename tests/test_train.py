@@ -273,3 +273,23 @@ def test_a_run_compiles_a_handful_of_programs_not_one_per_operation(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert int(result.stdout.split()[-1]) <= 10
+
+
+def test_tta_log_probabilities_stay_finite_for_confident_predictions():
+    # Logit gaps beyond float32's exp range in every view: log(mean(softmax)) would be log 0 = -inf for the other
+    # classes, and the loss 0 * -inf = NaN although the prediction is right.
+    def apply_fn(variables, images, train=False):
+        brightness = images.reshape(images.shape[0], -1).mean(axis=1)
+        return jnp.stack([200.0 + brightness, brightness, 10.0 * brightness], axis=1)
+
+    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 1)).astype(np.uint8)
+    log_p = train.log_probabilities(apply_fn, {}, train.preprocess(images), tta_shift=1)
+    views = [train.preprocess(images)] + [train.translate(train.preprocess(images), dy, dx)
+                                          for dy, dx in ((-1, 0), (1, 0), (0, -1), (0, 1))]
+    logits = np.stack([np.asarray(apply_fn({}, v), np.float64) for v in views])  # (5, B, C)
+    log_softmax = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected = np.log(np.exp(log_softmax - log_softmax.max(0)).mean(0)) + log_softmax.max(0)
+    np.testing.assert_allclose(log_p, expected, rtol=1e-5)
+    sums = train.eval_step(apply_fn, {}, {"image": images, "label": np.zeros(4, np.int32)}, np.ones(4, bool), 1)
+    assert np.isfinite(float(sums["loss"])) and float(sums["loss"]) < 1e-6
