@@ -131,9 +131,7 @@ class RunDir:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
                                   "pass --resume to continue it, or choose a new --workdir")
         saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
-        # Where the data came from may change (e.g. --data-dir for $DIGITS_JAX_DATA_DIR): the data's SHA-256 below
-        # checks that they are the same.
-        changed = [name for name in saved.changed_fields(self.config) if name != "data_dir"]
+        changed = saved.changed_fields(self.config)
         if changed:
             raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
                              "config.json; resume with the same config or start a new --workdir")
@@ -231,6 +229,17 @@ def best_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     if not scored:
         return records[-1]
     return max(reversed(scored), key=lambda r: r[BEST_METRIC])
+
+
+def latest_epoch(workdir: str | Path) -> int | None:
+    """The epoch of the newest complete checkpoint in run directory `workdir`; None when it has none."""
+    if not (Path(workdir) / CHECKPOINTS).is_dir():
+        return None
+    manager = _manager(Path(workdir).absolute() / CHECKPOINTS, read_only=True)
+    try:
+        return manager.latest_step()
+    finally:
+        manager.close()
 
 
 @dataclasses.dataclass

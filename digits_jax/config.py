@@ -107,10 +107,11 @@ class Config:
         return self
 
     def changed_fields(self, other: Config) -> list[str]:
-        """Names of the fields, placement ones (PLACEMENT_FIELDS) aside, whose values differ in `other`: what
-        would make a run of `other` compute something else than a run of self."""
-        return [f.name for f in dataclasses.fields(self)
-                if f.name not in PLACEMENT_FIELDS and getattr(self, f.name) != getattr(other, f.name)]
+        """Names of the fields whose values differ in `other`: what would make a run of `other` compute something
+        else than a run of self. Placement (PLACEMENT_FIELDS) and data_dir (where the data are read from: runs
+        check the data's SHA-256 instead) are left out."""
+        return [f.name for f in dataclasses.fields(self) if f.name not in (*PLACEMENT_FIELDS, "data_dir")
+                and getattr(self, f.name) != getattr(other, f.name)]
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True)

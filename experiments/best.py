@@ -22,10 +22,14 @@ from digits_jax import checkpoint, config, data, train
 
 
 def run_dir(run_config: config.Config) -> str:
-    """Where `make best` and `make ensemble` keep the run of the best recipe with this model and seed ("-full":
-    trained on all 60,000 training images, no validation split)."""
+    """Where `make best` and `make ensemble` keep the run of the best recipe with this model and seed: "-full" when
+    trained on all 60,000 training images (no validation split), then "-KEY=VALUE" for each other field that
+    differs from the recipe, so that a variant never finds another variant's run."""
     full = "" if run_config.validation_size else "-full"
-    return f"runs/best-{run_config.model}{full}-seed{run_config.seed}"
+    recipe = config.best().replace(model=run_config.model, seed=run_config.seed)
+    variant = "".join(f"-{name}={getattr(run_config, name)}" for name in recipe.changed_fields(run_config)
+                      if not (name == "validation_size" and not run_config.validation_size))
+    return f"runs/best-{run_config.model}{full}{variant}-seed{run_config.seed}"
 
 
 def train_blind(run_config: config.Config, workdir: str, splits: data.Splits) -> checkpoint.Restored:
@@ -34,15 +38,19 @@ def train_blind(run_config: config.Config, workdir: str, splits: data.Splits) ->
     that split picks (the last one when there is no validation split). The test split is not touched here: the
     caller evaluates the final model on it, once (also 15-20% less time than evaluating it with test-time
     augmentation after every epoch)."""
-    records = checkpoint.read_records(workdir)
-    if not records or records[-1]["epoch"] < run_config.epochs:
-        blind = splits | {"test": {k: v[:0] for k, v in splits["test"].items()}}  # an empty split is skipped
+    blind = splits | {"test": {k: v[:0] for k, v in splits["test"].items()}}  # an empty split is skipped
+    # Finished means its last epoch's checkpoint is saved: a record is written just before its checkpoint.
+    if (checkpoint.latest_epoch(workdir) or 0) < run_config.epochs:
         train.train_and_evaluate(run_config, workdir, resume=True, datasets=blind)
     chosen = checkpoint.restore(workdir)  # step "best": the highest validation accuracy
     changed = chosen.config.changed_fields(run_config)
-    if changed:  # a finished run is reused without train_and_evaluate's own check
+    if changed:  # a finished run is reused without train_and_evaluate's own checks
         raise ValueError(f"{workdir} holds a run whose config fields {changed} differ from this one's: remove it, "
                          "or give another --workdir")
+    trained_on = chosen.record.get("data_sha256")
+    if trained_on is not None and trained_on != data.fingerprint(blind):
+        raise ValueError(f"{workdir} holds a run trained on other data than this one's: remove it, or give another "
+                         "--workdir")
     return chosen
 
 

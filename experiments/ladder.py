@@ -108,10 +108,13 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15, help="epochs of every rung but the seed recipe")
     parser.add_argument("--tiny", action="store_true",
                         help="512 images, 1 epoch, 1,000 test images: checks the pipeline only")
-    parser.add_argument("--runs", type=Path, default=Path("runs/ladder"))
-    parser.add_argument("--out", type=Path, default=Path("experiments/results/ladder"),
-                        help="writes OUT.csv (every run) and OUT.md (the table)")
+    parser.add_argument("--runs", type=Path, help="run directories (default runs/ladder; with --tiny runs/ladder-tiny)")
+    parser.add_argument("--out", type=Path, help="writes OUT.csv (every run) and OUT.md (the table); default "
+                        "experiments/results/ladder, the committed table (with --tiny runs/ladder-tiny/ladder)")
     args = parser.parse_args()
+    # A smoke run must neither overwrite the committed table nor leave its runs where the real ladder resumes.
+    args.runs = args.runs or Path("runs/ladder-tiny" if args.tiny else "runs/ladder")
+    args.out = args.out or (args.runs / "ladder" if args.tiny else Path("experiments/results/ladder"))
     runs = run_ladder(args.seeds, args.epochs, args.tiny, args.runs)
     table = summarise(runs)
     device = jax.devices()[0]

@@ -73,5 +73,5 @@ def test_unknown_preset():
 
 def test_changed_fields_names_what_differs_except_placement():
     base = config.default()
-    assert base.changed_fields(base.replace(num_devices=2, shard_params=True)) == []
+    assert base.changed_fields(base.replace(num_devices=2, shard_params=True, data_dir="/elsewhere")) == []
     assert base.changed_fields(base.replace(learning_rate=0.5, seed=3, num_devices=2)) == ["learning_rate", "seed"]

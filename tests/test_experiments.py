@@ -4,6 +4,7 @@ against NumPy."""
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -67,6 +68,13 @@ def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_p
     assert (tmp_path / "run" / "metrics.jsonl").stat().st_mtime_ns == saved
     with pytest.raises(ValueError, match=r"config fields \['learning_rate'\] differ"):
         train_blind(tiny_config.replace(learning_rate=0.5), workdir, splits)
+    other = splits | {"validation": {k: v[::-1] for k, v in splits["validation"].items()}}
+    with pytest.raises(ValueError, match="holds a run trained on other data"):
+        train_blind(tiny_config, workdir, other)
+    # Killed between its last record and that epoch's checkpoint: not finished, so that epoch is trained again.
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "2")
+    assert train_blind(tiny_config, workdir, splits).epoch == chosen.epoch
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
 
 
 def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_path, mnist_dir):
@@ -81,9 +89,11 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
         return result.stdout.splitlines()
 
     best = run("best.py")
-    workdir = tmp_path / "runs" / "best-bn-full-seed0"
+    # Named by the fields that differ from the recipe (data_dir aside: where the data are read from).
+    name = "best-bn-full-train_limit=256-batch_size=64-epochs=2-tta_shift=0-seed0"
+    workdir = tmp_path / "runs" / name
     summary = json.loads(best[-1])
-    assert summary["workdir"] == "runs/best-bn-full-seed0" and summary["chosen_epoch"] == 2
+    assert summary["workdir"] == f"runs/{name}" and summary["chosen_epoch"] == 2
     assert summary["validation_accuracy"] is None and "the last epoch" in best[-2]
     records = checkpoint.read_records(workdir)
     assert [r["epoch"] for r in records] == [1, 2]
