@@ -92,6 +92,8 @@ def test_ensemble_of_different_members_against_numpy(trained, tiny_data, tiny_co
     test = {k: v[:200] for k, v in tiny_data["test"].items()}
     x = test["image"].astype(np.float32) / 255
     probs = np.stack([softmax(np.asarray(fn(v, x, train=False), np.float64)) for fn, v in members])
+    # Else an ensemble that used only one member would pass unseen.
+    assert all((probs.mean(0).argmax(-1) != p.argmax(-1)).any() for p in probs)
     expected = np.mean(probs.mean(0).argmax(-1) == test["label"])
     assert ensemble.evaluate(members, test, "mean", batch_size=64)["accuracy"] == pytest.approx(expected)
 

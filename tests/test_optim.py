@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import optax
 import pytest
 
@@ -37,3 +38,35 @@ def test_onecycle_peaks_at_30_percent(step, expected):
 def test_exponential_with_warmup(step, expected):
     schedule = lr_at(schedule="exponential", warmup_epochs=1.0, decay_rate=0.1)
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
+
+
+def numpy_steps(name, grads, param, lr, b1, b2, weight_decay, eps=1e-8):
+    """`param` after one step per gradient, written out from the optimizers' definitions."""
+    m = v = np.zeros_like(param)
+    for t, g in enumerate(grads, 1):
+        if name == "sgd":  # L2 on the gradient, heavy-ball momentum
+            m = (g + weight_decay * param) + b1 * m
+            param = param - lr * m
+            continue
+        m, v = b1 * m + (1 - b1) * g, b2 * v + (1 - b2) * g**2
+        step = (m / (1 - b1**t)) / (np.sqrt(v / (1 - b2**t)) + eps)
+        param = param - lr * (step + weight_decay * param)  # decoupled decay (0 for adam)
+    return param
+
+
+@pytest.mark.parametrize("changes", [
+    {"optimizer": "adam", "b1": 0.7, "b2": 0.9},
+    {"optimizer": "adamw", "b1": 0.8, "b2": 0.95, "weight_decay": 0.1},
+    {"optimizer": "sgd", "b1": 0.5, "weight_decay": 0.01},
+])
+def test_optimizers_follow_their_definitions_with_the_configs_settings(changes):
+    c = config.default().replace(schedule="constant", learning_rate=PEAK, **changes)
+    rng = np.random.default_rng(0)
+    param, grads = rng.normal(size=5), [rng.normal(size=5) for _ in range(3)]
+    tx = optim.optimizer(c, STEPS_PER_EPOCH)
+    ours, state = np.asarray(param, np.float64), tx.init(param)
+    for g in grads:
+        updates, state = tx.update(g, state, ours)
+        ours = optax.apply_updates(ours, updates)
+    expected = numpy_steps(c.optimizer, grads, param, PEAK, c.b1, c.b2, c.weight_decay)
+    np.testing.assert_allclose(ours, expected, rtol=1e-5)

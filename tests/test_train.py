@@ -293,3 +293,20 @@ def test_tta_log_probabilities_stay_finite_for_confident_predictions():
     np.testing.assert_allclose(log_p, expected, rtol=1e-5)
     sums = train.eval_step(apply_fn, {}, {"image": images, "label": np.zeros(4, np.int32)}, np.ones(4, bool), 1)
     assert np.isfinite(float(sums["loss"])) and float(sums["loss"]) < 1e-6
+
+
+@pytest.mark.parametrize("changes,random", [
+    ({"augment": "affine"}, True),  # augmentation draws per step
+    ({"model": "bn"}, True),  # dropout draws per step
+    ({}, False),  # the seed CNN without augmentation draws nothing: the step number changes nothing
+])
+def test_each_step_draws_its_own_augmentation_and_dropout(tiny_config, tiny_data, changes, random):
+    # A constant learning rate, so that only the random keys depend on the step number.
+    config = tiny_config.replace(schedule="constant", **changes)
+    state = fresh_state(config, tiny_data)
+    batch = {k: v[:32] for k, v in tiny_data["train"].items()}
+    now, _ = train.train_step(state, batch)
+    later, _ = train.train_step(state.replace(step=state.step + 1), batch)
+    same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(now.params), jax.tree.leaves(later.params),
+                                                    strict=True))
+    assert same != random
