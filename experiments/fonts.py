@@ -66,6 +66,10 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", help="save the mistakes and a sample of the preprocessed images to this PNG")
     args = parser.parse_args()
+    missing = [font for font in FONTS if not (FONT_DIR / font).is_file()]
+    if missing:
+        raise SystemExit(f"fonts.py: {', '.join(missing)} not in {FONT_DIR}; install them (Debian: apt-get install "
+                         "fonts-dejavu-core fonts-dejavu-extra)")
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes that it opened the checkpoint read-only
     rng = np.random.default_rng(args.seed)
     cases = [(font, digit, light) for font in FONTS for digit in range(10) for light in (True, False)
