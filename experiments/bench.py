@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +42,7 @@ from digits_jax import data, models, optim, parallel, train
 TRAIN_FLOP_PER_IMAGE = 3 * 2 * (26 * 26 * 32 * 9 + 11 * 11 * 64 * 288 + 1600 * 128 + 128 * 10)
 
 
-def seed_cnn(epochs: int) -> dict[str, float]:
+def seed_cnn(epochs: int) -> dict[str, Any]:
     """Compiled-epoch and per-step throughput of the seed CNN at batch 128, plus eval speed."""
     config = config_lib.seed()
     splits = data.load(config)
@@ -52,7 +53,7 @@ def seed_cnn(epochs: int) -> dict[str, float]:
     device = jax.device_put(splits)
     start = time.perf_counter()
     epoch_fn = train.train_epoch.lower(fresh, device["train"], config.batch_size).compile()
-    result = {"compile_seconds": time.perf_counter() - start, "batch_size": config.batch_size}
+    result: dict[str, Any] = {"compile_seconds": time.perf_counter() - start, "batch_size": config.batch_size}
 
     state = jax.tree.map(jnp.copy, fresh)  # the compiled epoch donates its input
     seconds = []
@@ -128,7 +129,7 @@ def scaling_in_subprocess(device_counts: list[int]) -> list[dict[str, float]]:
     return json.loads(output.splitlines()[-1])
 
 
-def fast_to_99(seed: int, compilation_cache: str) -> dict[str, float | None]:
+def fast_to_99(seed: int, compilation_cache: str) -> dict[str, Any]:
     """Runs the fast preset in a fresh process with JAX's compilation cache in `compilation_cache`; seconds to
     >= 99.0% test accuracy (None if never reached)."""
     with tempfile.TemporaryDirectory() as workdir:
@@ -137,7 +138,7 @@ def fast_to_99(seed: int, compilation_cache: str) -> dict[str, float | None]:
         env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=compilation_cache)
         start = time.perf_counter()
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env)
-        result: dict[str, float | None] = {"seed": seed, "from_process_start": None, "from_first_step": None}
+        result: dict[str, Any] = {"seed": seed, "from_process_start": None, "from_first_step": None}
         assert process.stdout is not None
         for line in process.stdout:
             fields = dict(part.split("=", 1) for part in line.split()[1:] if "=" in part)

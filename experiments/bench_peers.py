@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO.parent / "shared" / "peers"
@@ -54,12 +55,12 @@ def steady_images_per_second(stdout: str) -> float:
     return float(match.group(2))
 
 
-def one_round(epochs: int, out: Path) -> dict[str, object]:
+def one_round(epochs: int, out: Path) -> dict[str, Any]:
     ours_json = out.parent / "bench-in-peers.json"
     run("ours", [sys.executable, "experiments/bench.py", "--epochs", str(epochs), "--out", str(ours_json)], REPO)
     ours = json.loads(ours_json.read_text())
     tf, torch = python_for("peers-tf"), python_for("peers-torch")
-    results: dict[str, object] = {"ours": ours}
+    results: dict[str, Any] = {"ours": ours}
     for name, python, script in (("keras", tf, "keras_seed.py"), ("pytorch", torch, "torch_seed.py"),
                                  ("naive_flax", sys.executable, "flax_seed.py")):
         results[name] = {"images_per_second": steady_images_per_second(run(name, [python, script, str(epochs)],

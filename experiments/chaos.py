@@ -80,7 +80,7 @@ def _largest_file(directory: Path) -> Path:
     return max((p for p in directory.rglob("*") if p.is_file()), key=lambda p: p.stat().st_size)
 
 
-DAMAGE: dict[str, Callable[[Path], None]] = {
+DAMAGE: dict[str, Callable[[Path], object]] = {
     "leftover temporary directory": lambda ckpt: (ckpt.parent / "7.orbax-checkpoint-tmp-1").mkdir(),
     "truncated array file": lambda ckpt: _truncate(_largest_file(ckpt / "state")),
     "flipped bytes in an array file": lambda ckpt: _flip(_largest_file(ckpt / "state")),

@@ -35,7 +35,7 @@ def render(font_path: Path, digit: int, rng: np.random.Generator, light_backgrou
     """(200, 200) uint8: `digit` in a random size (glyph ~20-160 px tall) at a random place, wholly inside."""
     while True:
         font = ImageFont.truetype(str(font_path), int(rng.integers(28, 221)))
-        left, top, right, bottom = font.getbbox(str(digit))
+        left, top, right, bottom = map(int, font.getbbox(str(digit)))  # whole pixels for a TrueType font
         if right - left <= CANVAS - 4 and bottom - top <= CANVAS - 4:
             break
     x = int(rng.integers(2 - left, CANVAS - 2 - right + 1))

@@ -91,7 +91,10 @@ def main() -> None:
             state, sums = compiled(state, device_data)
             jax.block_until_ready(sums)
         step_ms = (time.perf_counter() - start) / (RUNS * args.steps) * 1e3
-    table = op_table(trace_events(args.out), hlo_ops(compiled.as_text()), RUNS * args.steps)
+    hlo = compiled.as_text()
+    if hlo is None:
+        raise SystemExit(f"the {jax.default_backend()} backend gives no HLO text to name the traced ops by")
+    table = op_table(trace_events(args.out), hlo_ops(hlo), RUNS * args.steps)
     print(f"{args.config} config ({config.model} model), batch {config.batch_size}, {jax.default_backend()}: "
           f"{step_ms:.2f} ms per step while traced; all its ops sum to {table['ms_per_step'].sum():.2f} ms")
     with pd.option_context("display.width", 200, "display.max_colwidth", 70):
