@@ -39,8 +39,9 @@ def test_presets_are_valid_and_seed_is_the_keras_recipe():
     for name in config.PRESETS:
         assert config.get(name).name == name
     seed = config.seed()
-    assert (seed.model, seed.optimizer, seed.learning_rate, seed.schedule, seed.batch_size) == \
-        ("seed", "adam", 1e-4, "constant", 128)
+    assert (seed.model, seed.optimizer, seed.learning_rate, seed.schedule, seed.batch_size, seed.epochs) == \
+        ("seed", "adam", 1e-4, "constant", 128, 10)
+    assert (seed.augment, seed.label_smoothing, seed.ema_decay, seed.tta_shift) == ("none", 0.0, 0.0, 0)
 
 
 def test_overrides_parse_by_field_type():

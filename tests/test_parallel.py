@@ -50,7 +50,7 @@ def test_sharded_parameters_are_split_and_give_the_same_numbers(runs):
     assert sharded.params["dense1"]["bias"].sharding.is_fully_replicated  # small: not worth splitting
     for a, b in zip(jax.tree.leaves(eight.params), jax.tree.leaves(sharded.params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-    # Saved sharded, restored whole on one device, same accuracy as recorded.
+    # Saved sharded, restored whole on one device: the same kernel (accuracy: the test below).
     restored = checkpoint.restore(sharded_dir, step="latest")
     np.testing.assert_array_equal(restored.state.params["dense1"]["kernel"], kernel)
 
