@@ -66,12 +66,12 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False,
     # Latest `keep` for resuming, plus the best by validation accuracy for evaluation.
     policy = policies.AnyPreservationPolicy([
         policies.LatestN(n=keep),
-        policies.BestN(get_metric_fn=lambda m: m[BEST_METRIC], n=1, keep_checkpoints_without_metrics=False),
+        policies.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
     ])
     # Orbax writes each step's metrics to disk only when `best_fn` is set: without them on disk, a resumed process
     # saw no metrics for the older steps, and its first save deleted the best one. (Set without a validation
     # split, Orbax would warn at every save that no metrics came.)
-    best = {"best_fn": lambda m: m[BEST_METRIC], "best_mode": "max"} if track_best else {}
+    best = {"best_fn": _best_metric, "best_mode": "max"} if track_best else {}
     # Synchronous saves: the train state is donated to the next epoch, so it must be on disk first.
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, **best, enable_async_checkpointing=False,
                                            create=not read_only, read_only=read_only,
@@ -84,6 +84,10 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False,
         return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "record"))
     finally:
         absl_logger.removeFilter(_read_only_notice)
+
+
+def _best_metric(metrics: dict[str, float]) -> float:
+    return metrics[BEST_METRIC]
 
 
 def _read_only_notice(record: logging.LogRecord) -> bool:
