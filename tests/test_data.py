@@ -261,7 +261,7 @@ def test_idx_loading_imports_no_tensorflow(tmp_path: Path) -> None:
 
 
 def test_tfds_mock(monkeypatch: pytest.MonkeyPatch) -> None:
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     # USE_CODE builds random records from the dataset's feature spec: no network, no TensorFlow.
     with tfds.testing.mock_data(policy=tfds.testing.MockPolicy.USE_CODE, num_examples=12):
         splits = load_tfds("mnist")
@@ -275,7 +275,7 @@ def test_tfds_mock(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_tfds_failure_explains_the_alternative(monkeypatch: pytest.MonkeyPatch) -> None:
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
 
     def offline(*args: object, **kwargs: object) -> None:
         raise ConnectionError("no network")
@@ -313,7 +313,7 @@ def serve_urls(monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]) -> list[
     Everything above it is tfds's own: its download manager, cache, INFO files and checksum checks. Returns the
     list of URLs fetched.
     """
-    downloader = pytest.importorskip("tensorflow_datasets.core.download.downloader")
+    from tensorflow_datasets.core.download import downloader
     requested: list[str] = []
 
     @contextlib.contextmanager
@@ -330,7 +330,7 @@ def serve_urls(monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]) -> list[
 
 def registered(files: dict[str, Path]) -> dict[str, Any]:
     """tfds `UrlInfo`s (size, SHA-256 of the .gz bytes) of the files served at these URLs."""
-    checksums = pytest.importorskip("tensorflow_datasets.core.download.checksums")
+    from tensorflow_datasets.core.download import checksums
     return {url: checksums.compute_url_info(path) for url, path in files.items()}
 
 
@@ -346,8 +346,7 @@ def fail_like_missing_tensorflow(*args: object, **kwargs: object) -> None:
 
 @pytest.mark.skipif(not REAL_MNIST.is_dir(), reason=f"real MNIST not found at {REAL_MNIST}")
 def test_tfds_without_tensorflow_downloads_mnist_idx(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("tensorflow_datasets")
-    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+    from tensorflow_datasets.image_classification import mnist
     without_tensorflow()
     files = {url: REAL_MNIST / url.rsplit("/", 1)[-1] for url in MNIST_URLS}
     # Three of the shared .gz files are the official archives, checked against tfds's registered checksums. The
@@ -381,8 +380,8 @@ FASHION_URLS = [f"http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/{na
 
 
 def test_tfds_without_tensorflow_downloads_through_tfds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tfds = pytest.importorskip("tensorflow_datasets")
-    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+    import tensorflow_datasets as tfds
+    from tensorflow_datasets.image_classification import mnist
     without_tensorflow()
     (tmp_path / "served").mkdir()
     make_idx_dir(tmp_path / "served")
@@ -415,7 +414,6 @@ def test_tfds_without_tensorflow_downloads_through_tfds(tmp_path: Path, monkeypa
 
 
 def test_tfds_without_tensorflow_checks_tfds_checksums(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("tensorflow_datasets")
     without_tensorflow()
     make_idx_dir(tmp_path)
     # Served as the real MNIST but not it: tfds's registered checksums reject the download.
@@ -427,8 +425,7 @@ def test_tfds_without_tensorflow_checks_tfds_checksums(tmp_path: Path, monkeypat
 
 
 def test_tfds_without_tensorflow_checks_mnist_pins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("tensorflow_datasets")
-    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
+    from tensorflow_datasets.image_classification import mnist
     without_tensorflow()
     make_idx_dir(tmp_path)
     files = {url: tmp_path / url.rsplit("/", 1)[-1] for url in MNIST_URLS}
@@ -439,7 +436,6 @@ def test_tfds_without_tensorflow_checks_mnist_pins(tmp_path: Path, monkeypatch: 
 
 
 def test_tfds_without_tensorflow_offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pytest.importorskip("tensorflow_datasets")
     without_tensorflow()
     requested = serve_urls(monkeypatch, {})
     with pytest.raises(DataError, match="cannot prepare 'mnist' without TensorFlow, and downloading its IDX files "
@@ -451,7 +447,7 @@ def test_tfds_without_tensorflow_offline(tmp_path: Path, monkeypatch: pytest.Mon
 
 
 def test_tfds_without_tensorflow_other_datasets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tfds = pytest.importorskip("tensorflow_datasets")
+    import tensorflow_datasets as tfds
     requested = serve_urls(monkeypatch, {})
     monkeypatch.setattr(tfds, "data_source", fail_like_missing_tensorflow)
     # EMNIST's builder derives from MNIST's but downloads a zip: no IDX fallback, the TensorFlow advice instead.
@@ -469,11 +465,11 @@ def sorted_records(split: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_tfds_prepared_mnist_reads_like_the_idx_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    tfds = pytest.importorskip("tensorflow_datasets")
-    image_feature = pytest.importorskip("tensorflow_datasets.core.features.image_feature")
-    mnist = pytest.importorskip("tensorflow_datasets.image_classification.mnist")
-    base = pytest.importorskip("tensorflow_datasets.core.data_sources.base")
-    pil_image = pytest.importorskip("PIL.Image")
+    import tensorflow_datasets as tfds
+    from PIL import Image as pil_image
+    from tensorflow_datasets.core.data_sources import base
+    from tensorflow_datasets.core.features import image_feature
+    from tensorflow_datasets.image_classification import mnist
     (tmp_path / "downloads").mkdir()
     make_idx_dir(tmp_path / "downloads", gz=False)
     requested = fake_downloads(monkeypatch, tfds, tmp_path / "downloads")
