@@ -8,6 +8,7 @@ same numbers as an uninterrupted one.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import functools
 import time
 from collections.abc import Callable, Iterator
@@ -362,6 +363,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     config = config.validated()
     parallel.initialize()
     start = time.perf_counter()
+    # Marks this call's records: a resumed run's wall time is the sum over its calls (see experiments/ladder.py).
+    started = datetime.datetime.now(datetime.UTC).isoformat(timespec="microseconds")
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_divisible(mesh, config.batch_size)
     log = progress.Progress(config.epochs)
@@ -403,7 +406,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
                                       mesh, config.tta_shift)
                     record[f"{split}_loss"], record[f"{split}_accuracy"] = result.loss, result.accuracy
             now = time.perf_counter()
-            record |= {"wall_seconds": now - start, "seconds_from_first_step": now - first_step}
+            record |= {"started": started, "wall_seconds": now - start, "seconds_from_first_step": now - first_step}
             run.save(state, record)
             log.epoch(record)
     log.finish(run.summary())

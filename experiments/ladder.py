@@ -45,14 +45,12 @@ def slug(rung: str) -> str:
 
 
 def training_wall_seconds(records: list[dict]) -> float:
-    """Wall seconds a run's training processes took, from its per-epoch records (each record's wall_seconds
-    counts from the start of its process, so a resumed or reused run still gets its whole time)."""
-    total, previous = 0.0, 0.0
+    """Wall seconds a run's training calls took, from its per-epoch records: each record's wall_seconds counts
+    from the start of its call to `train_and_evaluate` (its "started"), so a resumed run sums its calls' last."""
+    last: dict[str, float] = {}
     for record in records:
-        if record["wall_seconds"] < previous:  # a new process took over here
-            total += previous
-        previous = record["wall_seconds"]
-    return total + previous
+        last[record["started"]] = record["wall_seconds"]
+    return sum(last.values())
 
 
 def run_ladder(seeds: int, epochs: int, tiny: bool, root: Path) -> pd.DataFrame:

@@ -46,12 +46,17 @@ def test_ladder_summary_against_numpy():
         assert row["wall s (mean)"] == np.mean([10.0 * (i + 1) for i in range(len(values))])
 
 
-def test_ladder_wall_time_adds_up_the_processes_of_a_resumed_run():
+def test_ladder_wall_time_adds_up_the_calls_of_a_resumed_run():
     training_wall_seconds = experiment("ladder").training_wall_seconds
-    # Epochs 1-3 in one process (10, 20, 30 s), then resumed: epochs 4-5 at 12 and 22 s of the new process.
-    records = [{"wall_seconds": w} for w in (10.0, 20.0, 30.0, 12.0, 22.0)]
+    # Epochs 1-3 in one call (10, 20, 30 s), then resumed: epochs 4-5 at 12 and 22 s of the new call.
+    records = [{"started": "a", "wall_seconds": w} for w in (10.0, 20.0, 30.0)]
+    records += [{"started": "b", "wall_seconds": w} for w in (12.0, 22.0)]
     assert training_wall_seconds(records) == 52.0
     assert training_wall_seconds(records[:3]) == 30.0
+    # Killed after its first epoch; the resumed call's first epoch (with its start-up) took longer than that.
+    records = [{"started": "a", "wall_seconds": 54.8}, {"started": "b", "wall_seconds": 61.4},
+               {"started": "b", "wall_seconds": 106.2}]
+    assert training_wall_seconds(records) == 54.8 + 106.2
 
 
 def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_path, tiny_config):

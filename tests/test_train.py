@@ -109,7 +109,9 @@ def test_resume_continues_at_the_right_epoch_and_matches_uninterrupted(tmp_path,
     assert int(resumed.epoch) == int(whole.epoch) and int(resumed.step) == int(whole.step)
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(whole), strict=True):
         np.testing.assert_array_equal(a, b)
-    assert [r["epoch"] for r in checkpoint.read_records(crashed)] == [1, 2]
+    records = checkpoint.read_records(crashed)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["started"] == checkpoint.read_records(tmp_path / "whole")[0]["started"] != records[1]["started"]
     if "model" in changes:  # batch statistics were learned, and a restore evaluates to the recorded accuracy
         fresh = fresh_state(tiny_config, tiny_data)
         assert not np.allclose(whole.model_state["batch_stats"]["bn1_1"]["mean"],
