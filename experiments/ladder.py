@@ -9,7 +9,8 @@ one-cycle Adam 2e-3 with label smoothing 0.1; "+ EMA" evaluates an exponential m
 the weights; "+ TTA" evaluates the same checkpoints averaged over 1-pixel shifts; "ensemble" averages the
 probabilities of the "+ TTA" models of all seeds. Every run's epoch is chosen on the validation split; the
 test accuracy of that epoch is what the table reports (mean, std over seeds, best) with the wall time.
-Runs live in runs/ladder/RUNG-seedN and are reused when finished, so an interrupted ladder continues.
+Runs live in runs/ladder/RUNG-EPOCHSepochs-seedN and are reused when finished, so an interrupted ladder continues
+(and one with other --epochs trains its own).
 `--tiny` runs the same pipeline on 512 training images for 1 epoch and tests on the first 1,000 test images (a
 smoke test, seconds per rung).
 """
@@ -53,16 +54,15 @@ def training_wall_seconds(records: list[dict]) -> float:
     return sum(last.values())
 
 
-def run_ladder(seeds: int, epochs: int, tiny: bool, root: Path) -> pd.DataFrame:
-    """Trains (or reuses) every run of the ladder; one row per (rung, seed) plus one for the ensemble."""
-    rungs = training_rungs(tiny, epochs)
+def run_ladder(rungs: list[tuple[str, Config]], seeds: int, tiny: bool, root: Path) -> pd.DataFrame:
+    """Trains (or reuses) every run of `rungs`; one row per (rung, seed) plus one each for TTA and the ensemble."""
     splits = data.load(rungs[0][1])  # every rung trains on the same splits: read MNIST once
     if tiny:
         splits = splits | {"test": {key: array[:1000] for key, array in splits["test"].items()}}
     rows = []
     for rung, rung_config in rungs:
         for seed in range(seeds):
-            workdir = root / f"{slug(rung)}-seed{seed}"
+            workdir = root / f"{slug(rung)}-{rung_config.epochs}epochs-seed{seed}"
             train.train_and_evaluate(rung_config.replace(seed=seed), workdir, resume=True, datasets=splits)
             records = checkpoint.read_records(workdir)
             chosen = checkpoint.best_record(records)
@@ -103,17 +103,22 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=3)
-    parser.add_argument("--epochs", type=int, default=15, help="epochs of every rung but the seed recipe")
+    parser.add_argument("--epochs", type=int, help="epochs of every rung but the seed recipe (10); default 15")
     parser.add_argument("--tiny", action="store_true",
                         help="512 images, 1 epoch, 1,000 test images: checks the pipeline only")
     parser.add_argument("--runs", type=Path, help="run directories (default runs/ladder; with --tiny runs/ladder-tiny)")
     parser.add_argument("--out", type=Path, help="writes OUT.csv (every run) and OUT.md (the table); default "
                         "experiments/results/ladder, the committed table (with --tiny runs/ladder-tiny/ladder)")
     args = parser.parse_args()
+    if args.tiny and args.epochs is not None:
+        parser.error("--tiny trains every rung for 1 epoch: leave out --epochs")
+    if args.seeds < 1 or (args.epochs is not None and args.epochs < 1):
+        parser.error("--seeds and --epochs must be at least 1")
     # A smoke run must neither overwrite the committed table nor leave its runs where the real ladder resumes.
     args.runs = args.runs or Path("runs/ladder-tiny" if args.tiny else "runs/ladder")
     args.out = args.out or (args.runs / "ladder" if args.tiny else Path("experiments/results/ladder"))
-    runs = run_ladder(args.seeds, args.epochs, args.tiny, args.runs)
+    rungs = training_rungs(args.tiny, args.epochs or 15)
+    runs = run_ladder(rungs, args.seeds, args.tiny, args.runs)
     table = summarise(runs)
     device = jax.devices()[0]
     hardware = (f"{len(jax.devices())} x {device.device_kind} ({jax.default_backend()}), {os.cpu_count()} CPU cores "
@@ -121,7 +126,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     runs.to_csv(args.out.with_suffix(".csv"), index=False)
     args.out.with_suffix(".md").write_text(
-        f"MNIST test accuracy per rung ({args.seeds} seeds, {args.epochs} epochs{', tiny' if args.tiny else ''}), "
+        f"MNIST test accuracy per rung ({args.seeds} seeds; {rungs[0][1].epochs} epochs for the {rungs[0][0]}, "
+        f"{rungs[1][1].epochs} for the other rungs{'; tiny' if args.tiny else ''}), "
         f"epoch chosen on validation. Hardware: {hardware}.\n\n{table.to_markdown()}\n")
     print(table.to_string())
     print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")

@@ -29,6 +29,14 @@ def test_ladder_runs_every_rung_and_writes_csv_and_markdown(tmp_path, mnist_dir)
     assert runs["test_accuracy"].between(0, 1).all()
     table = out.with_suffix(".md").read_text()
     assert "| rung" in table and "ensemble of 1" in table and "Hardware:" in table
+    assert "(1 seeds; 1 epochs for the seed recipe, 1 for the other rungs; tiny)" in table
+    assert "bn-architecture-1epochs-seed0" in {p.name for p in (tmp_path / "runs").iterdir()}
+
+
+def test_ladder_refuses_epochs_that_tiny_would_ignore():
+    command = [sys.executable, "experiments/ladder.py", "--tiny", "--epochs", "3"]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=one_device())
+    assert result.returncode == 2 and "--tiny trains every rung for 1 epoch: leave out --epochs" in result.stderr
 
 
 def test_ladder_summary_against_numpy():
