@@ -161,6 +161,8 @@ def main() -> None:
     parser.add_argument("--scaling-devices", default="1,2,4,8", help="device counts to time; '' skips")
     parser.add_argument("--scaling-worker", help=argparse.SUPPRESS)  # internal: run `scaling` and print JSON
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: the first is warm-up and is not timed")
     if args.scaling_worker:
         print(json.dumps(scaling([int(n) for n in args.scaling_worker.split(",")])))
         return
@@ -176,9 +178,9 @@ def main() -> None:
     print(f"test accuracy after 1 epoch, same init and order: compiled epoch "
           f"{100 * s['epoch_path_test_accuracy_1_epoch']:.2f}%, per-step path "
           f"{100 * s['per_step_test_accuracy_1_epoch']:.2f}%", flush=True)
-    if args.scaling_devices:
-        counts = [n for n in map(int, args.scaling_devices.split(","))
-                  if jax.default_backend() == "cpu" or n <= len(jax.devices())]
+    counts = [n for n in map(int, args.scaling_devices.split(",") if args.scaling_devices else [])
+              if jax.default_backend() == "cpu" or n <= len(jax.devices())]
+    if counts:  # none on a GPU machine with fewer devices than every count asked for
         report["scaling"] = scaling_in_subprocess(counts)
         fake = " (fake CPU devices sharing the cores)" if jax.default_backend() == "cpu" else ""
         print("data-parallel scaling" + fake + ": " + ", ".join(

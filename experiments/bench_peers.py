@@ -78,6 +78,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "peers.json")
     args = parser.parse_args()
+    if args.epochs < 2:
+        parser.error("--epochs must be at least 2: every script's first epoch is warm-up and is not timed")
+    args.out = args.out.absolute()  # bench.py runs from the repository root
     args.out.parent.mkdir(parents=True, exist_ok=True)
     rounds = [one_round(args.epochs, args.out) for _ in range(args.rounds)]
     args.out.write_text(json.dumps(rounds, indent=2))

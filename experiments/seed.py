@@ -21,9 +21,9 @@ def main() -> None:
     start = time.perf_counter()
     train.train_and_evaluate(config.seed(), args.workdir, resume=args.resume)
     records = checkpoint.read_records(args.workdir)
-    training = sum(r["train_seconds"] for r in records)
+    training = sum(r["train_seconds"] for r in records)  # all epochs', also those of earlier calls when resumed
     print(f"seed recipe: test accuracy {100 * records[-1]['test_accuracy']:.2f}% after {records[-1]['epoch']} "
-          f"epochs, {time.perf_counter() - start:.0f} s wall ({training:.0f} s of it training)")
+          f"epochs ({training:.0f} s of training in all), {time.perf_counter() - start:.0f} s wall for this call")
 
 
 if __name__ == "__main__":

@@ -121,3 +121,10 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
     refused = subprocess.run([sys.executable, "-m", "digits_jax", "eval", "--checkpoint", str(workdir), "--split",
                               "validation"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 1 and f"{workdir} has no validation split" in refused.stderr
+
+
+@pytest.mark.parametrize("script", ["bench.py", "bench_peers.py"])
+def test_benchmarks_refuse_one_epoch_that_would_be_all_warm_up(script):
+    result = subprocess.run([sys.executable, f"experiments/{script}", "--epochs", "1"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=one_device())
+    assert result.returncode == 2 and "--epochs must be at least 2" in result.stderr
