@@ -29,6 +29,12 @@ def main() -> None:
     parser.add_argument("--method", default="mean", choices=ensemble.METHODS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    # Each member's seed and model come from --seeds and --models; set here, every member would be the same run.
+    fixed = [a for a in args.set if a.partition("=")[0] in ("seed", "model")]
+    if fixed:
+        parser.error(f"--set {fixed[0]}: members take their seeds from --seeds and models from --models")
     start = time.perf_counter()
     configs = [config.best().replace(model=model, seed=seed).with_overrides(args.set)
                for model in args.models for seed in range(args.seeds)]

@@ -128,3 +128,14 @@ def test_benchmarks_refuse_one_epoch_that_would_be_all_warm_up(script):
     result = subprocess.run([sys.executable, f"experiments/{script}", "--epochs", "1"], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env=one_device())
     assert result.returncode == 2 and "--epochs must be at least 2" in result.stderr
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    (["--seeds", "0"], "--seeds must be at least 1"),
+    (["--set", "seed=3"], "--set seed=3: members take their seeds from --seeds and models from --models"),
+    (["--set", "model=strided"], "--set model=strided: members take"),
+])
+def test_ensemble_refuses_members_it_cannot_tell_apart(arguments, message):
+    result = subprocess.run([sys.executable, "experiments/ensemble.py", *arguments], cwd=REPO, capture_output=True,
+                            text=True, timeout=120, env=one_device())
+    assert result.returncode == 2 and message in result.stderr
