@@ -168,19 +168,24 @@ class Predictor:
     """A trained model that maps batches of MNIST-like images to class probabilities."""
 
     def __init__(self, apply_fn: Callable[..., jax.Array], variables: Any, image_shape: Sequence[int] = (28, 28, 1),
-                 source: str = "model") -> None:
-        """`apply_fn(variables, float32 (B, *image_shape), train=False)` gives (B, C) logits; `source` names it."""
+                 source: str = "model", tta_shift: int = 0) -> None:
+        """`apply_fn(variables, float32 (B, *image_shape), train=False)` gives (B, C) logits; `source` names it;
+        `tta_shift` > 0 averages each image's probabilities with its shifted copies (see `train.log_probabilities`)."""
         self.apply_fn = apply_fn
         self.variables = variables
         self.image_shape = tuple(image_shape)
         self.source = source
+        self.tta_shift = tta_shift
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, step: int | str = "best") -> Predictor:
-        """Restores a run directory or checkpoint (see `checkpoint.restore`); by default its best epoch."""
+        """Restores a run directory or checkpoint (see `checkpoint.restore`); by default its best epoch.
+
+        It predicts as `digits-jax eval` scores that checkpoint: with the run's config.tta_shift.
+        """
         restored = checkpoint.restore(path, step=step)
         return cls(restored.state.apply_fn, restored.state.variables, restored.record["image_shape"],
-                   source=f"{path} (epoch {restored.epoch})")
+                   source=f"{path} (epoch {restored.epoch})", tta_shift=restored.config.tta_shift)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
         """uint8 (B, 28, 28, 1) images (as `preprocess` makes them) -> float32 (B, C) probabilities.
@@ -195,7 +200,7 @@ class Predictor:
         n = len(images)
         padded = np.zeros((1 << max(n - 1, 0).bit_length(), *self.image_shape), np.uint8)
         padded[:n] = images
-        return ensemble.probabilities(self.apply_fn, self.variables, padded, batch_size=len(padded))[:n]
+        return ensemble.probabilities(self.apply_fn, self.variables, padded, len(padded), self.tta_shift)[:n]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from digits_jax import checkpoint, cli, train
+from digits_jax import checkpoint, cli, ensemble, train
 from digits_jax.predict import Predictor, load_image, predict_files, preprocess
 from tests.conftest import REPO
 
@@ -133,8 +133,9 @@ def test_load_image_names_the_file_and_the_problem(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config, tiny_data):
+    """A one-epoch run evaluated with test-time augmentation (tta_shift=1), which Predictor must apply too."""
     workdir = tmp_path_factory.mktemp("predict") / "tiny"
-    train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, datasets=tiny_data)
+    train.train_and_evaluate(tiny_config.replace(epochs=1, tta_shift=1), workdir, datasets=tiny_data)
     return workdir
 
 
@@ -145,7 +146,7 @@ def numpy_softmax(logits):
 
 def test_predict_gives_the_softmax_of_the_models_logits(tiny_run, tiny_data, tiny_config):
     restored = checkpoint.restore(tiny_run)
-    predictor = Predictor.from_checkpoint(tiny_run)
+    predictor = Predictor(restored.state.apply_fn, restored.state.variables)  # tta_shift=0: one view per image
     test = {k: v[:300] for k, v in tiny_data["test"].items()}
     probabilities = predictor.predict(test["image"])
     assert probabilities.dtype == np.float32 and probabilities.shape == (300, 10)
@@ -157,6 +158,19 @@ def test_predict_gives_the_softmax_of_the_models_logits(tiny_run, tiny_data, tin
     assert (probabilities.argmax(axis=1) == test["label"]).mean() == result.accuracy
     # Padding the batch to a power of two leaves the real rows alone.
     np.testing.assert_allclose(predictor.predict(test["image"][:3]), probabilities[:3], atol=1e-6)
+
+
+def test_predictor_from_a_checkpoint_uses_its_runs_tta_shift_as_eval_does(tiny_run, tiny_data):
+    restored = checkpoint.restore(tiny_run)
+    assert restored.config.tta_shift == 1
+    fn, variables = restored.state.apply_fn, restored.state.variables
+    test = {k: v[:300] for k, v in tiny_data["test"].items()}
+    probabilities = Predictor.from_checkpoint(tiny_run).predict(test["image"])
+    np.testing.assert_allclose(probabilities, ensemble.probabilities(fn, variables, test["image"], tta_shift=1),
+                               atol=1e-6)
+    assert not np.allclose(probabilities, ensemble.probabilities(fn, variables, test["image"], tta_shift=0), atol=1e-4)
+    result = train.evaluate(fn, variables, test, restored.config.eval_batch_size, tta_shift=restored.config.tta_shift)
+    assert (probabilities.argmax(axis=1) == test["label"]).mean() == result.accuracy
 
 
 def test_predict_rejects_images_that_were_not_preprocessed(tiny_run):
