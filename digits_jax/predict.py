@@ -24,6 +24,7 @@ CENTRE = 14.0  # MNIST's mean centre of mass, in pixel indices (0..27), on both 
 MIN_CONTRAST = 0.1  # ink must differ from the background by this fraction of full scale, or there is none
 NOISE_FLOOR = 0.2  # ink fainter than this fraction of the strongest stroke is background noise (paper, JPEG)
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's convert("L")
+MAX_BATCH = 1024  # images per model call: its activations take about 100 kB an image (5x with tta_shift)
 
 
 def load_image(path: str | Path) -> np.ndarray:
@@ -188,19 +189,20 @@ class Predictor:
                    source=f"{path} (epoch {restored.epoch})", tta_shift=restored.config.tta_shift)
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (B, 28, 28, 1) images (as `preprocess` makes them) -> float32 (B, C) probabilities.
+        """uint8 (B, 28, 28, 1) images (as `preprocess` makes them), B >= 1 -> float32 (B, C) probabilities.
 
-        The batch goes through one compiled call; it is padded to a power of two so that a server seeing
-        every batch size compiles only a handful of programs.
+        The images go through the model MAX_BATCH at a time, so that memory stays bounded however many there
+        are; each call's batch is padded to a power of two (at most MAX_BATCH) so that a server seeing every
+        batch size compiles only a handful of programs.
         """
         images = np.asarray(images)
         if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
             raise ValueError(f"predict() takes uint8 (B, {', '.join(map(str, self.image_shape))}) images, got "
                              f"{images.dtype} {images.shape}; pass them through preprocess() first")
-        n = len(images)
-        padded = np.zeros((1 << max(n - 1, 0).bit_length(), *self.image_shape), np.uint8)
-        padded[:n] = images
-        return ensemble.probabilities(self.apply_fn, self.variables, padded, len(padded), self.tta_shift)[:n]
+        if not len(images):
+            raise ValueError("predict() got no images; give at least one")
+        batch_size = min(1 << (len(images) - 1).bit_length(), MAX_BATCH)
+        return ensemble.probabilities(self.apply_fn, self.variables, images, batch_size, self.tta_shift)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageDraw, ImageFont
 
-from digits_jax import checkpoint, cli, ensemble, train
+from digits_jax import checkpoint, cli, ensemble, predict, train
 from digits_jax.predict import Predictor, load_image, predict_files, preprocess
 from tests.conftest import REPO
 
@@ -173,9 +173,28 @@ def test_predictor_from_a_checkpoint_uses_its_runs_tta_shift_as_eval_does(tiny_r
     assert (probabilities.argmax(axis=1) == test["label"]).mean() == result.accuracy
 
 
+def test_predict_goes_through_the_model_max_batch_images_at_a_time(tiny_run, tiny_data, monkeypatch):
+    restored = checkpoint.restore(tiny_run)
+    images = tiny_data["test"]["image"][:11]
+    expected = Predictor(restored.state.apply_fn, restored.state.variables).predict(images)
+    shapes = set()
+
+    def recording_apply_fn(variables, x, train):
+        shapes.add(x.shape)  # at trace time: one entry per compiled batch shape
+        return restored.state.apply_fn(variables, x, train=train)
+
+    monkeypatch.setattr(predict, "MAX_BATCH", 4)
+    chunked = Predictor(recording_apply_fn, restored.state.variables).predict(images)
+    assert shapes == {(4, 28, 28, 1)}  # 4 + 4 + 3 images, the last call padded
+    np.testing.assert_allclose(chunked, expected, atol=1e-6)
+
+
 def test_predict_rejects_images_that_were_not_preprocessed(tiny_run):
+    predictor = Predictor.from_checkpoint(tiny_run)
     with pytest.raises(ValueError, match=r"uint8 \(B, 28, 28, 1\).*float32 \(2, 28, 28\).*preprocess"):
-        Predictor.from_checkpoint(tiny_run).predict(np.zeros((2, 28, 28), np.float32))
+        predictor.predict(np.zeros((2, 28, 28), np.float32))
+    with pytest.raises(ValueError, match="no images"):
+        predictor.predict(np.zeros((0, 28, 28, 1), np.uint8))
 
 
 @pytest.fixture(scope="module")
