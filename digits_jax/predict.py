@@ -31,7 +31,7 @@ def load_image(path: str | Path) -> np.ndarray:
     """Decodes an image file (PNG, JPEG or anything Pillow reads), upright as its EXIF orientation says.
 
     Returns:
-      (H, W) uint8 gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA; 16-bit gray as (H, W) float32 in [0, 1].
+      what `to_array` makes of it.
     Raises:
       ValueError naming the file when it is missing or cannot be decoded.
     """
@@ -57,13 +57,25 @@ def to_array(image: Image.Image) -> np.ndarray:
     """A decoded Pillow image, turned upright as its EXIF orientation says, as an array for `preprocess`.
 
     Returns:
-      (H, W) uint8 gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA; 16-bit gray as (H, W) float32 in [0, 1].
+      (H, W) uint8 gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA; 16-bit gray as (H, W) float32 in [0, 1];
+      float gray (mode F) as stored, (H, W) float32, which `preprocess` reads as [0, 1] or, above 1, [0, 255].
+      32-bit integer gray (mode I) is read as 8-bit when its values fit 0..255, else as 16-bit.
+    Raises:
+      ValueError for 32-bit integer gray with values outside 0..65535, whose full scale is unknown.
     """
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("L", "RGB", "RGBA"):
+    if image.mode in ("L", "RGB", "RGBA", "F"):
         return np.asarray(image)
     if image.mode.startswith("I"):
-        return np.asarray(image, dtype=np.float32) / 65535.0
+        values = np.asarray(image)
+        if image.mode == "I":  # 32-bit integers: files of 8 or 16 bits a pixel decode to it, and only values tell
+            low, high = int(values.min()), int(values.max())
+            if low < 0 or high > 65535:
+                raise ValueError(f"32-bit integer pixels from {low} to {high}: only 0..255 (8-bit) and 0..65535 "
+                                 "(16-bit) have a known full scale; save the image as an 8- or 16-bit PNG")
+            if high <= 255:
+                return values.astype(np.uint8)
+        return values.astype(np.float32) / 65535.0
     has_alpha = "A" in image.mode or "transparency" in image.info
     return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
 

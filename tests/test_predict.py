@@ -131,6 +131,21 @@ def test_load_image_names_the_file_and_the_problem(tmp_path):
             load_image(tmp_path / name)
 
 
+def test_float_and_32_bit_integer_files_read_on_their_own_scale(tmp_path):
+    image = render("DejaVuSans.ttf", 4, 120, (0.4, 0.5), light=True)
+    expected = preprocess(image)
+    for name, mode, pixels in (("float-0-1", "F", image / 255), ("float-0-255", "F", image),
+                               ("int-8-bit", "I", image), ("int-16-bit", "I", image.astype(np.int32) * 257)):
+        path = tmp_path / f"{name}.tif"
+        Image.fromarray(pixels.astype(np.float32 if mode == "F" else np.int32)).save(path)
+        assert Image.open(path).mode == mode
+        np.testing.assert_allclose(preprocess(load_image(path)), expected, atol=1, err_msg=name)
+    for low, high in ((0, 70000), (-5, 255)):
+        Image.fromarray(np.array([[low, high], [high, high]], np.int32)).save(tmp_path / "wide.tif")
+        with pytest.raises(ValueError, match=f"pixels from {low} to {high}: .* 8- or 16-bit PNG"):
+            load_image(tmp_path / "wide.tif")
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config, tiny_data):
     """A one-epoch run evaluated with test-time augmentation (tta_shift=1), which Predictor must apply too."""
