@@ -27,6 +27,10 @@ LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's convert("L")
 MAX_BATCH = 1024  # images per model call: its activations take about 100 kB an image (5x with tta_shift)
 
 
+class UnknownScaleError(ValueError):
+    """Pixel values whose full scale `to_array` cannot tell."""
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Decodes an image file (PNG, JPEG or anything Pillow reads), upright as its EXIF orientation says.
 
@@ -48,9 +52,11 @@ def load_image(path: str | Path) -> np.ndarray:
                          "readable") from None
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image that Pillow can decode; give a PNG or JPEG file") from None
-    except (OSError, Image.DecompressionBombError) as error:
+    except UnknownScaleError as error:
+        raise ValueError(f"{path}: {error}") from None
+    except Exception as error:  # OSError mostly, but damaged files also make Pillow raise TypeError, ValueError...
         raise ValueError(f"{path}: cannot decode it ({error}); it may be damaged or cut short: save it again as "
-                         "PNG or JPEG") from None
+                         "PNG or JPEG") from error
 
 
 def to_array(image: Image.Image) -> np.ndarray:
@@ -61,7 +67,7 @@ def to_array(image: Image.Image) -> np.ndarray:
       float gray (mode F) as stored, (H, W) float32, which `preprocess` reads as [0, 1] or, above 1, [0, 255].
       32-bit integer gray (mode I) is read as 8-bit when its values fit 0..255, else as 16-bit.
     Raises:
-      ValueError for 32-bit integer gray with values outside 0..65535, whose full scale is unknown.
+      UnknownScaleError (a ValueError) for 32-bit integer gray with values outside 0..65535.
     """
     image = ImageOps.exif_transpose(image)
     if image.mode in ("L", "RGB", "RGBA", "F"):
@@ -71,8 +77,9 @@ def to_array(image: Image.Image) -> np.ndarray:
         if image.mode == "I":  # 32-bit integers: files of 8 or 16 bits a pixel decode to it, and only values tell
             low, high = int(values.min()), int(values.max())
             if low < 0 or high > 65535:
-                raise ValueError(f"32-bit integer pixels from {low} to {high}: only 0..255 (8-bit) and 0..65535 "
-                                 "(16-bit) have a known full scale; save the image as an 8- or 16-bit PNG")
+                raise UnknownScaleError(f"32-bit integer pixels from {low} to {high}: only 0..255 (8-bit) and "
+                                        "0..65535 (16-bit) have a known full scale; save the image as an 8- or "
+                                        "16-bit PNG")
             if high <= 255:
                 return values.astype(np.uint8)
         return values.astype(np.float32) / 65535.0

@@ -104,9 +104,11 @@ def predict_png(predictor: Predictor, body: bytes) -> dict[str, Any]:
                 raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the image is {image.width}x{image.height} "
                                    f"pixels; send at most {MAX_SIDE} pixels a side")
             pixels = to_array(image)  # as `digits-jax predict` decodes a file
+    except RequestError:
+        raise
     except Image.DecompressionBombError as e:
         raise RequestError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"{e}; send a smaller image") from e
-    except (OSError, SyntaxError, ValueError) as e:  # what Pillow raises for bytes that are not a valid image
+    except Exception as e:  # OSError mostly, but damaged files also make Pillow raise TypeError, ValueError...
         reason = "not a format Pillow knows" if isinstance(e, UnidentifiedImageError) else str(e)
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not a readable image ({reason}); POST the "
                            "drawing as a PNG file") from e

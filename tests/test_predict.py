@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -146,6 +148,15 @@ def test_float_and_32_bit_integer_files_read_on_their_own_scale(tmp_path):
             load_image(tmp_path / "wide.tif")
 
 
+def damaged_tiff() -> bytes:
+    """An 8x8 TIFF whose strip offsets are typed RATIONAL, not LONG: Pillow's load() raises TypeError on it."""
+    buffer = io.BytesIO()
+    Image.new("L", (8, 8)).save(buffer, format="TIFF")
+    entry = struct.pack("<HH", 273, 4)  # StripOffsets' IFD entry: tag, type LONG (Pillow writes little-endian)
+    assert buffer.getvalue().count(entry) == 1
+    return buffer.getvalue().replace(entry, struct.pack("<HH", 273, 5))
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, tiny_config, tiny_data):
     """A one-epoch run evaluated with test-time augmentation (tta_shift=1), which Predictor must apply too."""
@@ -230,6 +241,20 @@ def test_predict_files_reports_bad_files_and_predicts_the_rest(tiny_run, image_f
         assert r.error is None and 0 <= r.digit <= 9 and r.probability == max(r.probabilities)
     assert broken.digit is None and broken.error.startswith(f"{image_files[1]}: not an image")
     assert blank.digit is None and blank.error.startswith(f"{image_files[3]}: the image has no ink")
+
+
+def test_predict_files_names_a_file_pillow_fails_on_with_any_error_and_predicts_the_rest(tiny_run, image_files,
+                                                                                          tmp_path):
+    damaged = tmp_path / "damaged.tif"
+    damaged.write_bytes(damaged_tiff())
+    with pytest.raises(TypeError), Image.open(damaged) as image:
+        image.load()
+    good, bad = predict_files(Predictor.from_checkpoint(tiny_run), [image_files[0], damaged])
+    assert good.error is None and 0 <= good.digit <= 9
+    assert bad.digit is None and bad.error.startswith(f"{damaged}: cannot decode it (")
+    with pytest.raises(ValueError) as raised:
+        load_image(damaged)
+    assert isinstance(raised.value.__cause__, TypeError)
 
 
 def test_cli_predict_exit_code_is_1_when_a_file_fails_and_the_others_are_predicted(tiny_run, image_files):

@@ -26,6 +26,7 @@ from selenium.webdriver.support.ui import WebDriverWait
 from digits_jax import serve, train
 from digits_jax.predict import Predictor, load_image, preprocess
 from tests.conftest import REPO
+from tests.test_predict import damaged_tiff
 
 
 @pytest.fixture(scope="module")
@@ -103,11 +104,13 @@ def test_empty_drawing_is_422_with_a_message(server):
     (b"not an image at all", "not a readable image"),
     (drawing()[:200], "not a readable image"),  # a PNG cut short
     (b"", "empty body"),
+    (damaged_tiff(), "not a readable image"),  # Pillow raises TypeError on it: still the body's fault, not the model's
 ])
-def test_malformed_bodies_are_400(server, body, message):
+def test_malformed_bodies_are_400(server, body, message, capsys):
     status, headers, answer = request(server, "/predict", body, method="POST")
     assert status == 400 and headers["Content-Type"] == "application/json"
     assert message in json.loads(answer)["error"]
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def raw_post(server, headers):
