@@ -5,8 +5,8 @@
                  4096 pixels a side; answer: 200 {"digit": 0-9, "probabilities": [10 floats summing to 1]}.
 The drawing goes through `predict.preprocess` and `Predictor.predict`, exactly as a file given to
 `digits-jax predict`. Errors are JSON {"error": message}: 400 a missing, malformed or undecodable body,
-413 a body or image too large, 422 a drawing without ink (the page then shows "draw a digit"), 404 any
-other path, 405 another method.
+408 a body that stops arriving before its Content-Length, 413 a body or image too large, 422 a drawing
+without ink (the page then shows "draw a digit"), 404 any other path, 405 another method.
 """
 
 from __future__ import annotations
@@ -165,7 +165,12 @@ class _Handler(BaseHTTPRequestHandler):
                                f"{MAX_BODY_BYTES} bytes (a PNG of the drawing is a few kB)")
         if length == 0:
             raise RequestError(HTTPStatus.BAD_REQUEST, "empty body: POST the drawing as a PNG file")
-        body = self.rfile.read(length)
+        try:
+            body = self.rfile.read(length)
+        except OSError as e:  # TimeoutError: the client sent less than it announced, then nothing for `timeout` s
+            self.close_connection = True  # the rest of the body may still come, and would be read as a request
+            raise RequestError(HTTPStatus.REQUEST_TIMEOUT, f"the body stopped before its {length} bytes ({e}); "
+                               f"send all of it within {self.timeout} s") from e
         if len(body) < length:
             raise RequestError(HTTPStatus.BAD_REQUEST, f"the body ended after {len(body)} of {length} bytes")
         return body

@@ -7,6 +7,7 @@ import io
 import json
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -141,6 +142,18 @@ def test_oversized_body_is_413_before_it_is_read(server):
 def test_missing_or_bad_content_length_is_400(server, headers, message):
     status, error = raw_post(server, {"Content-Type": "image/png"} | headers)
     assert status == 400 and message in error
+
+
+def test_a_body_that_stops_short_is_408_after_the_timeout_without_a_traceback(server, monkeypatch, capsys):
+    monkeypatch.setattr(serve._Handler, "timeout", 0.5)  # seconds; read by each new connection
+    with socket.create_connection(server.socket.getsockname()[:2], timeout=30) as client:
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Type: image/png\r\n"
+                       b"Content-Length: 1000\r\n\r\n\x89PNG")
+        response = client.makefile("rb").read()  # to the end: the server closes the connection
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert head.split()[1] == b"408"
+    assert "stopped before its 1000 bytes" in json.loads(body)["error"]
+    assert capsys.readouterr().err == ""
 
 
 def test_image_too_large_to_decode_is_413(server):
