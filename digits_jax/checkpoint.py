@@ -274,8 +274,8 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
 
     Args:
       path: a run directory, its checkpoints/ directory, or one checkpoint directory (checkpoints/N).
-      step: an epoch number, "latest", or "best" (highest validation accuracy); ignored when `path` names
-        one checkpoint.
+      step: an epoch number, "latest", or "best" (highest validation accuracy); when `path` names one
+        checkpoint, an epoch number must be that checkpoint's.
       model: the Flax module that was trained, when it is not a registered `config.model`.
       tx: the optax transformation that was used, when it was not the config's.
       mesh: a `parallel.make_mesh` mesh to restore onto, replicated on its devices (however many devices
@@ -286,6 +286,9 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
     from digits_jax.train import create_train_state  # train imports this module
 
     directory, chosen = _locate(Path(path).absolute())
+    if chosen is not None and isinstance(step, int) and step != chosen:
+        raise ValueError(f"{path} is the checkpoint of epoch {chosen}, not {step}: drop --step, or pass the run "
+                         f"directory with --step {step}")
     manager = _manager(directory, read_only=True)
 
     def abstract_state(meta: Any) -> Any:

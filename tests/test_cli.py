@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from PIL import Image
 
 from digits_jax import checkpoint, data, ensemble
 from tests.conftest import REPO, one_device
@@ -102,6 +103,19 @@ def test_runs_table_lists_the_run(cli_run):
     workdir, _ = cli_run
     out = digits_jax("runs", str(workdir)).stdout
     assert str(workdir) in out and "best_test_%" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "predict"])
+def test_a_step_other_than_the_named_checkpoints_is_refused(cli_run, tmp_path, command):
+    workdir, _ = cli_run
+    digit = Image.new("L", (28, 28))
+    digit.paste(255, (12, 4, 16, 24))  # a stroke: a blank image would be an error of its own
+    digit.save(tmp_path / "one.png")
+    files = [str(tmp_path / "one.png")] if command == "predict" else []
+    named = workdir / "checkpoints" / "2"
+    result = digits_jax(command, "--checkpoint", str(named), "--step", "1", *files, check=False)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert f"{named} is the checkpoint of epoch 2, not 1" in result.stderr
 
 
 def test_training_into_a_finished_run_is_refused_with_a_hint(cli_run, mnist_dir):
