@@ -45,11 +45,13 @@ def _eval(args: argparse.Namespace) -> int:
                             tta_shift=config.tta_shift)
     # The record's train accuracy is the running one over the epoch's augmented steps, not this model's on the split.
     recorded = restored.record.get(f"{args.split}_accuracy") if args.split != "train" else None
+    # A class without examples in the split (a small validation split) has no accuracy: null, as JSON has no NaN.
+    per_class = [None if np.isnan(a) else a for a in result.per_class_accuracy.tolist()]
     report = {"checkpoint": str(path), "epoch": restored.epoch, "split": args.split,
               "count": result.count, "accuracy": result.accuracy, "loss": result.loss,
-              "recorded_accuracy": recorded, "per_class_accuracy": result.per_class_accuracy.tolist()}
+              "recorded_accuracy": recorded, "per_class_accuracy": per_class}
     if args.json:
-        print(json.dumps(report | {"confusion": result.confusion.tolist()}))
+        print(json.dumps(report | {"confusion": result.confusion.tolist()}, allow_nan=False))
         return 0
     match = "" if recorded is None else (" (matches the accuracy recorded at save time)" if recorded == result.accuracy
                                          else f" (recorded at save time: {100 * recorded:.2f}%)")
@@ -84,7 +86,7 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
     report = {"checkpoints": [str(p) for p in args.checkpoint], "epochs": [r.epoch for r in restored],
               "split": args.split, "method": args.method, **result}
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
         return 0
     print(f"ensemble of {len(restored)} checkpoints ({args.method}): {args.split} accuracy "
           f"{100 * result['accuracy']:.2f}% on {result['count']} images")

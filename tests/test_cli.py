@@ -65,12 +65,24 @@ def test_eval_in_a_fresh_process_reproduces_the_recorded_accuracy(cli_run):
 
 @pytest.fixture(scope="module")
 def other_run(tmp_path_factory, mnist_dir):
-    """A second tiny run with a smaller validation split (the same test split, another validation split) and
-    test-time shifts, which its ensemble member must keep."""
-    workdir = tmp_path_factory.mktemp("cli") / "tiny-val64"
+    """A second tiny run with a 5-image validation split (the same test split, another validation split, and
+    digits without validation examples) and test-time shifts, which its ensemble member must keep."""
+    workdir = tmp_path_factory.mktemp("cli") / "tiny-val5"
     digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
-               "--set", "validation_size=64", "--set", "epochs=1", "--set", "tta_shift=1")
+               "--set", "validation_size=5", "--set", "epochs=1", "--set", "tta_shift=1")
     return workdir
+
+
+def test_eval_json_of_a_split_missing_digits_is_strict_json(other_run):
+    out = digits_jax("eval", "--checkpoint", str(other_run), "--split", "validation", "--json").stdout
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    report = json.loads(out, parse_constant=refuse)
+    per_class = report["per_class_accuracy"]
+    assert report["count"] == 5 and len(per_class) == 10
+    assert per_class.count(None) >= 5 and all(0 <= a <= 1 for a in per_class if a is not None)
 
 
 def test_eval_of_several_checkpoints_scores_their_ensemble(cli_run, other_run):
