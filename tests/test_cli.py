@@ -117,6 +117,25 @@ def test_runs_table_lists_the_run(cli_run):
     assert str(workdir) in out and "best_test_%" in out
 
 
+def test_runs_table_skips_damaged_and_missing_directories_with_warnings(cli_run, tmp_path):
+    workdir, _ = cli_run
+    config = json.loads((workdir / "config.json").read_text())
+    older, damaged, missing = tmp_path / "older", tmp_path / "damaged", tmp_path / "missing"
+    older.mkdir()  # as from a digits_jax before the config had a seed
+    (older / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "seed"}))
+    damaged.mkdir()
+    (damaged / "config.json").write_text("{not json")
+    result = digits_jax("runs", str(damaged), str(workdir), str(older), str(missing))
+    header, *lines = result.stdout.splitlines()
+    rows = {line.split()[0]: dict(zip(header.split(), line.split()[1:], strict=False)) for line in lines}
+    assert set(rows) == {"run", str(workdir), str(older)}  # "run": the index's name, on a line of its own
+    assert rows[str(older)]["name"] == config["name"] and rows[str(older)]["seed"] == "NaN"
+    assert rows[str(older)]["epochs_done"] == "0"
+    assert f"digits-jax: warning: skipping {damaged}: {damaged / 'config.json'} is not JSON" in result.stderr
+    assert f"digits-jax: warning: skipping {missing}: no such file or directory" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("command", ["eval", "predict"])
 def test_a_step_other_than_the_named_checkpoints_is_refused(cli_run, tmp_path, command):
     workdir, _ = cli_run
