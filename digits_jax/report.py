@@ -29,7 +29,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
       data_dir: IDX directory for the test split; default as the run was trained.
       mistakes: how many misclassified test digits to show, the most confident first.
     Returns:
-      the path of report.md. The test figures use the best checkpoint by validation accuracy.
+      the path of report.md. The test figures use the best checkpoint by validation accuracy (without a
+      validation split, the newest).
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
@@ -131,11 +132,15 @@ def _markdown(run_dir: Path, name: str, model: str, records: list[dict[str, Any]
     true, predicted = np.unravel_index(off_diagonal.argmax(), off_diagonal.shape)
     confusions = (f"The most frequent confusion is a true {true} read as {predicted} ({off_diagonal[true, predicted]} "
                   "times). " if off_diagonal.any() else "")
+    # As restore(step="best") chose it: by validation accuracy where the run has a validation split.
+    validated = any(checkpoint.BEST_METRIC in r for r in records)
+    chosen = ("The checkpoint with the best validation accuracy is" if validated
+              else "Without a validation split, the report uses the newest checkpoint,")
     return "\n".join([
         f"# Run report: {run_dir}",
         "",
-        f"Config `{name}`, model `{model}`: {records[-1]['epoch']} epochs trained. The checkpoint with the best "
-        f"validation accuracy is epoch {epoch}; on the test set it reaches **{100 * result.accuracy:.2f}%** "
+        f"Config `{name}`, model `{model}`: {records[-1]['epoch']} epochs trained. {chosen} epoch {epoch}; "
+        f"on the test set it reaches **{100 * result.accuracy:.2f}%** "
         f"({result.count:,} images, {wrong} wrong), mean loss {result.loss:.4f}.",
         "",
         "## Learning curves",

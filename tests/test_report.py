@@ -31,10 +31,17 @@ def test_report_writes_its_figures_into_the_run_directory_and_links_them(tiny_ru
             assert np.asarray(image.convert("L")).std() > 10, f"{name} is blank"
         assert f"]({name})" in text
     best = checkpoint.best_record(checkpoint.read_records(tiny_run))
-    assert f"epoch {best['epoch']}" in text
+    assert f"The checkpoint with the best validation accuracy is epoch {best['epoch']};" in text
     assert f"**{100 * best['test_accuracy']:.2f}%**" in text  # re-evaluated: the accuracy recorded at save time
     wrong = re.search(r"\(10,000 images, (\d+) wrong\)", text)
     assert wrong and int(wrong[1]) == round(10_000 * (1 - best["test_accuracy"]))
+
+
+def test_report_of_a_run_without_validation_names_the_newest_checkpoint(tmp_path, tiny_config):
+    train.train_and_evaluate(tiny_config.replace(validation_size=0, epochs=1), tmp_path)
+    text = report.write_report(tmp_path).read_text()
+    assert "Without a validation split, the report uses the newest checkpoint, epoch 1;" in text
+    assert "best validation accuracy" not in text
 
 
 def test_mistakes_are_the_most_confident_wrong_predictions():
