@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TextIO
 
@@ -229,6 +230,16 @@ def _use_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def reporting_errors(prog: str, run: Callable[[], int | None]) -> int:
+    """Calls `run()` and returns its exit code (None: 0); bad input or state (ValueError, OSError, a run in use,
+    NaN in training) is one line `PROG: error: MESSAGE` on stderr and exit code 1, not a traceback."""
+    try:
+        return run() or 0
+    except (ValueError, OSError, RunInUseError, NonFiniteError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point; returns the process exit code."""
     args = parser().parse_args(argv)
@@ -236,11 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     # Orbax and tensorflow-datasets log routine notes as absl warnings; users need only our lines.
     absl_logging.set_verbosity(absl_logging.ERROR)
     warnings.showwarning = _show_warning
-    try:
-        return args.run(args)
-    except (ValueError, OSError, RunInUseError, NonFiniteError) as e:  # bad input or state: a message, no traceback
-        print(f"digits-jax {args.command}: error: {e}", file=sys.stderr)
-        return 1
+    return reporting_errors(f"digits-jax {args.command}", lambda: args.run(args))
 
 
 if __name__ == "__main__":

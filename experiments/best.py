@@ -16,9 +16,10 @@ of the best one in each of seeds 0-3.
 
 import argparse
 import json
+import sys
 import time
 
-from digits_jax import checkpoint, config, data, train
+from digits_jax import checkpoint, cli, config, data, train
 
 
 def run_dir(run_config: config.Config) -> str:
@@ -79,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.reporting_errors("best.py", main))

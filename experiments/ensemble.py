@@ -14,12 +14,13 @@ strided alone.
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from best import run_dir, train_blind
 
-from digits_jax import config, data, ensemble, models
+from digits_jax import cli, config, data, ensemble, models
 
 
 def main() -> None:
@@ -58,4 +59,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.reporting_errors("ensemble.py", main))

@@ -15,6 +15,7 @@ and 2: 98.8%, 97.7%); every font 100% but DejaVu Sans 96.7% and Sans ExtraLight 
 from __future__ import annotations
 
 import argparse
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from absl import logging as absl_logging
 from matplotlib.figure import Figure
 from PIL import Image, ImageDraw, ImageFont
 
+from digits_jax import cli
 from digits_jax.predict import Predictor, preprocess
 
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
@@ -71,12 +73,12 @@ def main() -> None:
         raise SystemExit(f"fonts.py: {', '.join(missing)} not in {FONT_DIR}; install them (Debian: apt-get install "
                          "fonts-dejavu-core fonts-dejavu-extra)")
     absl_logging.set_verbosity(absl_logging.ERROR)  # Orbax notes that it opened the checkpoint read-only
+    predictor = Predictor.from_checkpoint(args.checkpoint)  # before rendering: a missing run fails at once
     rng = np.random.default_rng(args.seed)
     cases = [(font, digit, light) for font in FONTS for digit in range(10) for light in (True, False)
              for _ in range(args.per_digit)]
     images = np.stack([preprocess(render(FONT_DIR / font, digit, rng, light)) for font, digit, light in cases])
     labels = np.array([digit for _, digit, _ in cases])
-    predictor = Predictor.from_checkpoint(args.checkpoint)
     predicted = predictor.predict(images).argmax(axis=1)
     correct = predicted == labels
     print(f"{predictor.source}: {100 * correct.mean():.1f}% of {len(cases)} typeset digits "
@@ -98,4 +100,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.reporting_errors("fonts.py", main))

@@ -18,13 +18,14 @@ smoke test, seconds per rung).
 import argparse
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 
 import jax
 import pandas as pd
 
-from digits_jax import checkpoint, config, data, ensemble, train
+from digits_jax import checkpoint, cli, config, data, ensemble, train
 from digits_jax.config import Config
 
 
@@ -134,4 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.reporting_errors("ladder.py", main))

@@ -139,3 +139,11 @@ def test_ensemble_refuses_members_it_cannot_tell_apart(arguments, message):
     result = subprocess.run([sys.executable, "experiments/ensemble.py", *arguments], cwd=REPO, capture_output=True,
                             text=True, timeout=120, env=one_device())
     assert result.returncode == 2 and message in result.stderr
+
+
+@pytest.mark.parametrize("script", ["best.py", "ensemble.py"])
+def test_scripts_report_bad_input_in_one_line_as_the_cli_does(script):
+    result = subprocess.run([sys.executable, f"experiments/{script}", "--set", "epochs=abc"], cwd=REPO,
+                            capture_output=True, text=True, timeout=120, env=one_device())
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"{script}: error: --set epochs=abc: cannot parse 'abc' as int")
