@@ -49,6 +49,7 @@ def test_train_prints_line_oriented_progress_when_piped(cli_run):
     assert lines[0].startswith("start config=tiny model=seed train_images=512")
     epochs = [dict(part.split("=", 1) for part in line.split()[1:]) for line in lines if line.startswith("epoch ")]
     assert [e["epoch"] for e in epochs] == ["1", "2"]
+    assert not {"image_shape", "data_sha256", "started"} & set(epochs[0])
     # experiments/bench.py times the fast preset to 99% by these two keys.
     assert all(0 < float(e["test_accuracy"]) <= 1 and float(e["seconds_from_first_step"]) > 0 for e in epochs)
     assert lines[-1].startswith("done ") and "final_test_accuracy=" in lines[-1]
