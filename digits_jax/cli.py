@@ -58,7 +58,8 @@ def _eval(args: argparse.Namespace) -> int:
                                          else f" (recorded at save time: {100 * recorded:.2f}%)")
     print(f"{path}, epoch {restored.epoch}: {args.split} accuracy {100 * result.accuracy:.2f}% "
           f"on {result.count} images{match}, mean loss {result.loss:.4f}")
-    print("per-class accuracy: " + "  ".join(f"{c}: {100 * a:.1f}%" for c, a in enumerate(result.per_class_accuracy)))
+    print("per-class accuracy: " + "  ".join(f"{c}: " + ("no examples" if np.isnan(a) else f"{100 * a:.1f}%")
+                                             for c, a in enumerate(result.per_class_accuracy)))
     print("confusion (rows true, columns predicted):")
     print(result.confusion)
     return 0

@@ -58,8 +58,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     return out / MARKDOWN
 
 
-def plot_curves(records: list[dict[str, Any]], best_epoch: int | None = None) -> Figure:
-    """Loss and accuracy per epoch, train vs validation (where the run has one), from metrics.jsonl records."""
+def plot_curves(records: list[dict[str, Any]], chosen_epoch: int | None = None) -> Figure:
+    """Loss and accuracy per epoch, train vs validation (where the run has one), from metrics.jsonl records, with
+    `chosen_epoch` (the checkpoint a report evaluates: best on validation, else the newest) marked."""
     figure = Figure(figsize=(10, 4), layout="constrained")
     loss_ax, accuracy_ax = figure.subplots(1, 2)
     epochs = [r["epoch"] for r in records]
@@ -69,8 +70,8 @@ def plot_curves(records: list[dict[str, Any]], best_epoch: int | None = None) ->
         loss_ax.plot(epochs, [r[f"{split}_loss"] for r in records], marker="o", label=split)
         accuracy_ax.plot(epochs, [100 * r[f"{split}_accuracy"] for r in records], marker="o", label=split)
     for ax, label in ((loss_ax, "mean cross-entropy loss"), (accuracy_ax, "accuracy (%)")):
-        if best_epoch is not None:
-            ax.axvline(best_epoch, color="gray", linestyle=":", label=f"best epoch ({best_epoch})")
+        if chosen_epoch is not None:
+            ax.axvline(chosen_epoch, color="gray", linestyle=":", label=f"chosen epoch ({chosen_epoch})")
         ax.set(xlabel="epoch", ylabel=label)
         ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)

@@ -84,6 +84,9 @@ def test_eval_json_of_a_split_missing_digits_is_strict_json(other_run):
     per_class = report["per_class_accuracy"]
     assert report["count"] == 5 and len(per_class) == 10
     assert per_class.count(None) >= 5 and all(0 <= a <= 1 for a in per_class if a is not None)
+    text = digits_jax("eval", "--checkpoint", str(other_run), "--split", "validation").stdout
+    shown = text.split("per-class accuracy: ")[1].splitlines()[0]
+    assert shown.count("no examples") == per_class.count(None) and "nan" not in shown
 
 
 def test_eval_of_several_checkpoints_scores_their_ensemble(cli_run, other_run):
