@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -55,11 +56,23 @@ class Config:
 
     def validated(self) -> Config:
         """Returns self, or raises ValueError naming the first impossible value and why."""
+        # Types first (a config.json is edited by hand, a Python caller may pass "1e-3"), so the range checks below
+        # compare numbers; a bool is refused where an int is meant, although Python counts it as one.
+        for spec in dataclasses.fields(self):
+            value, kind = getattr(self, spec.name), str(spec.type)
+            if value is None and kind.endswith("| None"):
+                continue
+            wanted = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[kind.split(" |")[0]]
+            if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
+                raise ValueError(f"config.{spec.name} = {value!r}: must be {kind.split(' |')[0]}"
+                                 + (" or None" if kind.endswith("| None") else ""))
+            if float in wanted and not math.isfinite(float(value)):
+                raise ValueError(f"config.{spec.name} = {value!r}: must be a finite number")
         for field, minimum in (("batch_size", 1), ("epochs", 1), ("eval_batch_size", 1), ("num_classes", 2),
                                ("keep_checkpoints", 1), ("validation_size", 0), ("num_devices", 0),
                                ("tta_shift", 0), ("clean_epochs", 0)):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < minimum:
+            if value < minimum:
                 raise ValueError(f"config.{field} = {value!r}: must be an integer >= {minimum}")
         if self.train_limit is not None and self.train_limit < 1:
             raise ValueError(f"config.train_limit = {self.train_limit!r}: must be None or an integer >= 1")
@@ -78,9 +91,7 @@ class Config:
             raise ValueError(f"config.decay_rate = {self.decay_rate!r}: must be in (0, 1]")
         if not (0 <= self.b1 < 1 and 0 <= self.b2 < 1):
             raise ValueError(f"config.b1 = {self.b1!r}, config.b2 = {self.b2!r}: both must be in [0, 1)")
-        if not isinstance(self.shard_params, bool):
-            raise ValueError(f"config.shard_params = {self.shard_params!r}: must be true or false")
-        if not self.weight_decay >= 0:  # also NaN
+        if not self.weight_decay >= 0:
             raise ValueError(f"config.weight_decay = {self.weight_decay!r}: must be >= 0")
         # Settings that would be ignored are refused, so that a run never silently differs from what was asked.
         if self.weight_decay > 0 and self.optimizer == "adam":
@@ -90,7 +101,13 @@ class Config:
             raise ValueError(f"config.warmup_epochs = {self.warmup_epochs!r} has no effect with schedule="
                              f"{self.schedule!r}: warm-up applies to 'cosine' and 'exponential' ('onecycle' has its "
                              "own)")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+        if self.decay_rate != Config.decay_rate and self.schedule != "exponential":
+            raise ValueError(f"config.decay_rate = {self.decay_rate!r} has no effect with schedule={self.schedule!r}: "
+                             "it applies to 'exponential' only")
+        if self.clean_epochs > 0 and self.augment == "none":
+            raise ValueError(f"config.clean_epochs = {self.clean_epochs!r} has no effect with augment='none': every "
+                             "epoch trains on the images as they are")
+        if not 0 <= self.seed < 2**32:
             raise ValueError(f"config.seed = {self.seed!r}: must be an integer in [0, 2**32) (JAX keys are 32-bit)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"config.optimizer = {self.optimizer!r}: choose one of {OPTIMIZERS}")
