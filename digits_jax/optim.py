@@ -14,6 +14,9 @@ def schedule(config: Config, steps_per_epoch: int) -> optax.ScalarOrSchedule:
     """
     total = config.epochs * steps_per_epoch
     warmup = round(config.warmup_epochs * steps_per_epoch)
+    if warmup >= total:
+        raise ValueError(f"config.warmup_epochs = {config.warmup_epochs!r} is {warmup} steps of {steps_per_epoch} per "
+                         f"epoch: the whole run ({total} steps) would be warm-up; lower it")
     if config.schedule == "constant":
         return config.learning_rate
     if config.schedule == "cosine":

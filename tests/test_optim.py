@@ -40,6 +40,14 @@ def test_exponential_with_warmup(step, expected):
     assert float(schedule(step)) == pytest.approx(expected, rel=1e-5, abs=1e-12)
 
 
+@pytest.mark.parametrize("schedule", ["cosine", "exponential"])
+def test_a_warmup_that_rounds_up_to_the_whole_run_is_refused(schedule):
+    # 4.96 epochs of 10 steps round to 50: all 50 steps of the 5 epochs (cosine had no steps left to decay over,
+    # exponential never reached its peak).
+    with pytest.raises(ValueError, match=r"warmup_epochs = 4.96 is 50 steps .* the whole run \(50 steps\)"):
+        lr_at(schedule=schedule, warmup_epochs=4.96)
+
+
 def numpy_steps(name, grads, param, lr, b1, b2, weight_decay, eps=1e-8):
     """`param` after one step per gradient, written out from the optimizers' definitions."""
     m = v = np.zeros_like(param)
