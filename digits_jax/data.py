@@ -1,7 +1,7 @@
 """Datasets as NumPy arrays: MNIST-style IDX files (checked against the official pins) or tensorflow-datasets.
 
-Every split is {'image': (N, H, W, 1) uint8 in 0-255, 'label': (N,) int32}. IDX loading uses only NumPy
-and the standard library, so it works offline and never imports TensorFlow or tensorflow-datasets.
+Every split is {'image': (N, H, W, C) uint8 in 0-255, 'label': (N,) int32}; C is 1 for IDX files. IDX loading
+uses only NumPy and the standard library, so it works offline and never imports TensorFlow or tensorflow-datasets.
 """
 
 from __future__ import annotations
@@ -60,6 +60,8 @@ def read_idx(path: str | os.PathLike[str], *, ndim: int | None = None) -> np.nda
     Returns:
       uint8 array of the header's shape: (N, rows, cols) for images, (N,) for labels.
     """
+    if ndim not in (*_MAGIC, None):
+        raise ValueError(f"read_idx(ndim={ndim!r}): 3 (images), 1 (labels) or None (either)")
     path = Path(path)
     return _parse_idx(path, _read_bytes(path), ndim)
 
@@ -331,7 +333,8 @@ def load(config: Config) -> Splits:
     the first images of the rest.
 
     Returns:
-      {'train', 'validation', 'test'}, each {'image': (N, H, W, 1) uint8, 'label': (N,) int32}.
+      {'train', 'validation', 'test'}, each {'image': (N, H, W, C) uint8, 'label': (N,) int32}, the same H, W, C
+      in every split.
     """
     directory = config.data_dir or (os.environ.get(DATA_DIR_ENV) if config.dataset == "mnist" else None)
     if directory:
@@ -342,6 +345,10 @@ def load(config: Config) -> Splits:
         origins = {split: f"tensorflow-datasets {config.dataset!r} split {split!r}" for split in splits}
     for split, arrays in splits.items():
         _check_labels(arrays["label"], config.num_classes, origins[split])
+    if splits["train"]["image"].shape[1:] != splits["test"]["image"].shape[1:]:
+        raise DataError(f"the training split ({origins['train']}) has images of {splits['train']['image'].shape[1:]} "
+                        f"(height, width, channels), the test split ({origins['test']}) of "
+                        f"{splits['test']['image'].shape[1:]}: a model takes one size; give both splits the same")
 
     train, n = splits["train"], len(splits["train"]["label"])
     if not 0 <= config.validation_size < n:

@@ -74,6 +74,18 @@ def test_gz_and_raw_read_identically(tmp_path: Path) -> None:
         np.testing.assert_array_equal(array, images)
     labels = np.arange(7, dtype=np.uint8)
     np.testing.assert_array_equal(read_idx(write_idx(tmp_path / "l.gz", labels), ndim=1), labels)
+    with pytest.raises(ValueError, match=r"read_idx\(ndim=2\): 3 \(images\), 1 \(labels\) or None"):
+        read_idx(tmp_path / "l.gz", ndim=2)
+
+
+def test_splits_of_different_image_sizes_are_refused_naming_both(tmp_path: Path) -> None:
+    make_idx_dir(tmp_path)
+    small = np.zeros((N_TEST, 20, 24), np.uint8)
+    write_idx(tmp_path / f"{data.IDX_FILES['test'][0]}.gz", small)
+    with pytest.raises(DataError, match=r"the training split \(.*train-labels.*\) has images of \(28, 28, 1\) "
+                                        r"\(height, width, channels\), the test split \(.*t10k-labels.*\) of "
+                                        r"\(20, 24, 1\)"):
+        load(custom_config(tmp_path))
 
 
 @pytest.mark.parametrize("gz", [True, False])
