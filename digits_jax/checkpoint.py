@@ -285,6 +285,11 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
     """
     from digits_jax.train import create_train_state  # train imports this module
 
+    if step not in ("best", "latest"):
+        try:
+            step = int(step)
+        except ValueError:
+            raise ValueError(f"step {step!r}: give an epoch number, 'best' or 'latest'") from None
     directory, chosen = _locate(Path(path).absolute())
     if chosen is not None and isinstance(step, int) and step != chosen:
         raise ValueError(f"{path} is the checkpoint of epoch {chosen}, not {step}: drop --step, or pass the run "

@@ -49,6 +49,12 @@ def test_restore_errors_name_the_path(tmp_path, finished_run):
         checkpoint.restore(tmp_path)
     with pytest.raises(FileNotFoundError, match=r"no checkpoint for epoch 7; it has \[1, 2\]"):
         checkpoint.restore(finished_run[0], step=7)
+    with pytest.raises(ValueError, match=r"step 'bset': give an epoch number, 'best' or 'latest'"):
+        checkpoint.restore(finished_run[0], step="bset")
+    # A step given as text (as from a config file or a form) is a number too.
+    with pytest.raises(ValueError, match=r"is the checkpoint of epoch 2, not 1"):
+        checkpoint.restore(finished_run[0] / "checkpoints" / "2", step="1")
+    assert checkpoint.restore(finished_run[0], step="1").epoch == 1
 
 
 @pytest.mark.parametrize("accuracies,best_epoch", [
