@@ -208,6 +208,9 @@ def log_probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images
     """
     if not tta_shift:
         return jax.nn.log_softmax(apply_fn(variables, images, train=False))
+    if tta_shift >= min(images.shape[1:3]):
+        raise ValueError(f"tta_shift = {tta_shift}: images of {images.shape[1]}x{images.shape[2]} pixels shifted so "
+                         "far are blank; use a shift of a pixel or two")
     s = tta_shift
     views = [images] + [translate(images, dy, dx) for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s))]
     log_p = jax.nn.log_softmax(apply_fn(variables, jnp.concatenate(views), train=False))

@@ -295,6 +295,8 @@ def test_tta_log_probabilities_stay_finite_for_confident_predictions():
     np.testing.assert_allclose(log_p, expected, rtol=1e-5)
     sums = train.eval_step(apply_fn, {}, {"image": images, "label": np.zeros(4, np.int32)}, np.ones(4, bool), 1)
     assert np.isfinite(float(sums["loss"])) and float(sums["loss"]) < 1e-6
+    with pytest.raises(ValueError, match="tta_shift = 8: images of 8x8 pixels shifted so far are blank"):
+        train.log_probabilities(apply_fn, {}, train.preprocess(images), tta_shift=8)
 
 
 @pytest.mark.parametrize("changes,random", [
