@@ -255,6 +255,13 @@ class Restored:
     record: dict[str, Any]
     epoch: int
 
+    def check_images(self, images: np.ndarray, source: str) -> None:
+        """Raises ValueError naming `source` unless (N, H, W, C) `images` are the size this model trained on."""
+        trained = tuple(self.record["image_shape"])
+        if tuple(images.shape[1:]) != trained:
+            raise ValueError(f"{source}: images of {tuple(images.shape[1:])} (height, width, channels), but this model "
+                             f"was trained on {trained}; give data of that size (--data-dir)")
+
 
 def _locate(path: Path) -> tuple[Path, int | None]:
     """(checkpoints directory, step or None) for a run dir, a checkpoints dir or one step's dir."""
