@@ -19,7 +19,7 @@ def test_readme_snippets_run(tmp_path, mnist_dir):
     script = "\n".join(f"print('--- snippet {i}')\n{code}" for i, code in enumerate(snippets, 1))
     # Two devices, not the suite's eight: enough for the multi-device snippet, and with eight this process once
     # aborted in a training all-reduce that 7 of 8 device threads had joined (XLA:CPU's 40 s rendezvous timeout)
-    # while another training run shared the two cores (see PATIENT_COLLECTIVES in tests/conftest.py).
+    # while another training run shared the two cores (train.evaluate now waits for each batch on a mesh).
     env = one_device()
     env["XLA_FLAGS"] = f"{env['XLA_FLAGS']} --xla_force_host_platform_device_count=2".strip()
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
