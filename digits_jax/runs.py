@@ -17,7 +17,7 @@ CONFIG_COLUMNS = ("name", "model", "optimizer", "learning_rate", "schedule", "ba
 
 
 def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run directory that has a config.json: key config fields (NaN where the config lacks one),
+    """One row per run directory that has a config.json: key config fields (NaN where the config or a record lacks one),
     final and best-by-validation accuracy (percent), epochs done and training seconds. Directories without a
     config are skipped; paths that do not exist and runs whose files cannot be read are skipped with a warning,
     so that one damaged directory does not hide the others."""
@@ -40,13 +40,13 @@ def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
         row = {"run": str(workdir), **{k: config.get(k, float("nan")) for k in CONFIG_COLUMNS},
                "epochs_done": len(records)}
         if records:
-            final, best = records[-1], best_record(records)
-            row |= {"final_test_%": 100 * final.get("test_accuracy", float("nan")),
-                    "best_epoch": best["epoch"],
-                    "best_val_%": 100 * best.get("validation_accuracy", float("nan")),
-                    "best_test_%": 100 * best.get("test_accuracy", float("nan")),
-                    "train_s": sum(r["train_seconds"] for r in records),
-                    "img_per_s": final["images_per_second"]}
+            final, best, nan = records[-1], best_record(records), float("nan")
+            row |= {"final_test_%": 100 * final.get("test_accuracy", nan),
+                    "best_epoch": best.get("epoch", nan),
+                    "best_val_%": 100 * best.get("validation_accuracy", nan),
+                    "best_test_%": 100 * best.get("test_accuracy", nan),
+                    "train_s": sum(r.get("train_seconds", nan) for r in records),
+                    "img_per_s": final.get("images_per_second", nan)}
         rows.append(row)
     return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
 

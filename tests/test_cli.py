@@ -127,6 +127,7 @@ def test_runs_table_skips_damaged_and_missing_directories_with_warnings(cli_run,
     older, damaged, missing = tmp_path / "older", tmp_path / "damaged", tmp_path / "missing"
     older.mkdir()  # as from a digits_jax before the config had a seed
     (older / "config.json").write_text(json.dumps({k: v for k, v in config.items() if k != "seed"}))
+    (older / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": 0.5}) + "\n")  # fewer fields
     damaged.mkdir()
     (damaged / "config.json").write_text("{not json")
     result = digits_jax("runs", str(damaged), str(workdir), str(older), str(missing))
@@ -134,7 +135,8 @@ def test_runs_table_skips_damaged_and_missing_directories_with_warnings(cli_run,
     rows = {line.split()[0]: dict(zip(header.split(), line.split()[1:], strict=False)) for line in lines}
     assert set(rows) == {"run", str(workdir), str(older)}  # "run": the index's name, on a line of its own
     assert rows[str(older)]["name"] == config["name"] and rows[str(older)]["seed"] == "NaN"
-    assert rows[str(older)]["epochs_done"] == "0"
+    assert rows[str(older)]["epochs_done"] == "1" and rows[str(older)]["final_test_%"] == "50.0"
+    assert rows[str(older)]["train_s"] == rows[str(older)]["img_per_s"] == "NaN"
     assert f"digits-jax: warning: skipping {damaged}: {damaged / 'config.json'} is not JSON" in result.stderr
     assert f"digits-jax: warning: skipping {missing}: no such file or directory" in result.stderr
     assert "Traceback" not in result.stderr
