@@ -305,7 +305,7 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
     for begin in range(0, n, batch_size):
         batch_sums.append(_eval_slice(apply_fn, variables, eval_data, np.int32(begin), np.int32(n), batch_size,
                                       tta_shift, mesh))
-        if mesh is not None and mesh.size > 1:
+        if jax.process_count() > 1 or (mesh is not None and mesh.size > 1):
             # Queued back to back, the batches' collectives sometimes paired up out of order on CPU: two processes
             # hung (AVX-512 machine, 2026-12-03), and so did one process's fake devices, until XLA aborted it
             # after 40 s with only some of them at the all-reduce (the suite, beside other work, 2026-12-04).
