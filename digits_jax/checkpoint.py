@@ -255,10 +255,12 @@ class Restored:
     record: dict[str, Any]
     epoch: int
 
-    def check_images(self, images: np.ndarray, source: str) -> None:
-        """Raises ValueError naming `source` unless (N, H, W, C) `images` are the size this model trained on."""
+    def check_images(self, images: np.ndarray, split: str, data_config: Config) -> None:
+        """Raises ValueError naming the split and its data unless (N, H, W, C) `images`, `split` of the data that
+        `data_config` reads, are the size this model trained on."""
         trained = tuple(self.record["image_shape"])
         if tuple(images.shape[1:]) != trained:
+            source = f"the {split} split of {data_config.data_dir or data_config.dataset}"
             raise ValueError(f"{source}: images of {tuple(images.shape[1:])} (height, width, channels), but this model "
                              f"was trained on {trained}; give data of that size (--data-dir)")
 

@@ -42,7 +42,7 @@ def _eval(args: argparse.Namespace) -> int:
     config = restored.config.replace(data_dir=args.data_dir) if args.data_dir else restored.config
     split = data.load(config)[args.split]
     _check_nonempty(split, path, args.split)
-    restored.check_images(split["image"], f"the {args.split} split of {config.data_dir or config.dataset}")
+    restored.check_images(split["image"], args.split, config)
     result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size,
                             tta_shift=config.tta_shift)
     # The record's train accuracy is the running one over the epoch's augmented steps, not this model's on the split.
@@ -80,7 +80,7 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
         splits.append(loaded[key])
     _check_nonempty(splits[0], args.checkpoint[0], args.split)
     for r, config, split in zip(restored, configs, splits, strict=True):
-        r.check_images(split["image"], f"the {args.split} split of {config.data_dir or config.dataset}")
+        r.check_images(split["image"], args.split, config)
     for path, split in zip(args.checkpoint[1:], splits[1:], strict=True):
         if not all(np.array_equal(split[k], splits[0][k]) for k in ("image", "label")):
             hint = "" if args.split == "test" else ", or evaluate --split test"

@@ -41,7 +41,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     restored = checkpoint.restore(run_dir, step="best")
     config = restored.config.replace(data_dir=data_dir) if data_dir else restored.config
     test = data.load(config)["test"]
-    restored.check_images(test["image"], f"the test split of {config.data_dir or config.dataset}")
+    restored.check_images(test["image"], "test", config)
     state = restored.state
     result = train.evaluate(state.apply_fn, state.variables, test, config.eval_batch_size, tta_shift=config.tta_shift)
     # With the run's test-time shifts, as `result`: the mistakes shown are the ones its accuracy counts.

@@ -39,10 +39,11 @@ def test_restore_accepts_run_checkpoints_and_step_directories(finished_run):
 
 def test_restored_model_names_images_of_another_size(finished_run):
     restored = checkpoint.restore(finished_run[0])
-    restored.check_images(np.zeros((3, 28, 28, 1), np.uint8), "x")
+    data_config = restored.config.replace(data_dir="/d")
+    restored.check_images(np.zeros((3, 28, 28, 1), np.uint8), "test", data_config)
     with pytest.raises(ValueError, match=r"the test split of /d: images of \(20, 24, 1\) \(height, width, "
                                          r"channels\), but this model was trained on \(28, 28, 1\)"):
-        restored.check_images(np.zeros((3, 20, 24, 1), np.uint8), "the test split of /d")
+        restored.check_images(np.zeros((3, 20, 24, 1), np.uint8), "test", data_config)
 
 
 def test_restore_logs_no_warning_for_an_intact_run(finished_run, caplog):
