@@ -59,13 +59,12 @@ class Config:
         # Types first (a config.json is edited by hand, a Python caller may pass "1e-3"), so the range checks below
         # compare numbers; a bool is refused where an int is meant, although Python counts it as one.
         for spec in dataclasses.fields(self):
-            value, kind = getattr(self, spec.name), str(spec.type)
-            if value is None and kind.endswith("| None"):
+            value, (kind, optional) = getattr(self, spec.name), _field_type(str(spec.type))
+            if value is None and optional:
                 continue
-            wanted = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[kind.split(" |")[0]]
+            wanted = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,)}[kind]
             if not isinstance(value, wanted) or (isinstance(value, bool) and bool not in wanted):
-                raise ValueError(f"config.{spec.name} = {value!r}: must be {kind.split(' |')[0]}"
-                                 + (" or None" if kind.endswith("| None") else ""))
+                raise ValueError(f"config.{spec.name} = {value!r}: must be {kind}" + (" or None" if optional else ""))
             if float in wanted and not math.isfinite(float(value)):
                 raise ValueError(f"config.{spec.name} = {value!r}: must be a finite number")
         for field, minimum in (("batch_size", 1), ("epochs", 1), ("eval_batch_size", 1), ("num_classes", 2),
@@ -154,11 +153,15 @@ class Config:
         return self.replace(**changes)
 
 
+def _field_type(annotation: str) -> tuple[str, bool]:
+    """A field's annotation string (e.g. "int | None") as (type name, whether None is allowed)."""
+    return annotation.split(" |")[0], annotation.endswith("| None")
+
+
 def _parse(key: str, text: str, annotation: str) -> Any:
-    optional = annotation.endswith("| None")
+    name, optional = _field_type(annotation)
     if optional and text.lower() == "none":
         return None
-    name = annotation.split(" |")[0]
     kinds: dict[str, Callable[[str], Any]] = {"str": str, "int": int, "float": float, "bool": _bool}
     kind = kinds[name]
     try:
