@@ -33,9 +33,14 @@ def test_ladder_runs_every_rung_and_writes_csv_and_markdown(tmp_path, mnist_dir)
     assert "bn-architecture-1epochs-seed0" in {p.name for p in (tmp_path / "runs").iterdir()}
 
 
+def run_script(script: str, *arguments: str) -> subprocess.CompletedProcess[str]:
+    """experiments/SCRIPT run with `arguments` from the repository root on one device; for calls it refuses."""
+    return subprocess.run([sys.executable, f"experiments/{script}", *arguments], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, env=one_device())
+
+
 def test_ladder_refuses_epochs_that_tiny_would_ignore():
-    command = [sys.executable, "experiments/ladder.py", "--tiny", "--epochs", "3"]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=120, env=one_device())
+    result = run_script("ladder.py", "--tiny", "--epochs", "3")
     assert result.returncode == 2 and "--tiny trains every rung for 1 epoch: leave out --epochs" in result.stderr
 
 
@@ -125,8 +130,7 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
 
 @pytest.mark.parametrize("script", ["bench.py", "bench_peers.py"])
 def test_benchmarks_refuse_one_epoch_that_would_be_all_warm_up(script):
-    result = subprocess.run([sys.executable, f"experiments/{script}", "--epochs", "1"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env=one_device())
+    result = run_script(script, "--epochs", "1")
     assert result.returncode == 2 and "--epochs must be at least 2" in result.stderr
 
 
@@ -136,14 +140,12 @@ def test_benchmarks_refuse_one_epoch_that_would_be_all_warm_up(script):
     (["--set", "model=strided"], "--set model=strided: members take"),
 ])
 def test_ensemble_refuses_members_it_cannot_tell_apart(arguments, message):
-    result = subprocess.run([sys.executable, "experiments/ensemble.py", *arguments], cwd=REPO, capture_output=True,
-                            text=True, timeout=120, env=one_device())
+    result = run_script("ensemble.py", *arguments)
     assert result.returncode == 2 and message in result.stderr
 
 
 @pytest.mark.parametrize("script", ["best.py", "ensemble.py"])
 def test_scripts_report_bad_input_in_one_line_as_the_cli_does(script):
-    result = subprocess.run([sys.executable, f"experiments/{script}", "--set", "epochs=abc"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120, env=one_device())
+    result = run_script(script, "--set", "epochs=abc")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{script}: error: --set epochs=abc: cannot parse 'abc' as int")
