@@ -134,6 +134,15 @@ def test_benchmarks_refuse_one_epoch_that_would_be_all_warm_up(script):
     assert result.returncode == 2 and "--epochs must be at least 2" in result.stderr
 
 
+def test_bench_children_take_a_share_of_a_gpu_unless_told_otherwise(monkeypatch):
+    bench = experiment("bench")
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
+    env = bench.child_env(JAX_COMPILATION_CACHE_DIR="/tmp/cache")
+    assert env["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.2" and env["JAX_COMPILATION_CACHE_DIR"] == "/tmp/cache"
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.1")  # the caller's own setting wins
+    assert bench.child_env()["XLA_PYTHON_CLIENT_MEM_FRACTION"] == "0.1"
+
+
 @pytest.mark.parametrize(("arguments", "message"), [
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--set", "seed=3"], "--set seed=3: members take their seeds from --seeds and models from --models"),
