@@ -346,7 +346,8 @@ def _compile_evaluation(state: TrainState, datasets: dict[str, dict[str, Any]], 
                        mesh: jax.sharding.Mesh) -> None:
     """Runs `evaluate`'s program for each non-empty split of `datasets` (as `train_and_evaluate` passes them) on no
     rows, and the finiteness check, so that they compile (or load from the compilation cache) before the first
-    step instead of inside the first epoch's time: on an H200 that was most of the fast preset's 0.5-0.7 s."""
+    step instead of inside the first epoch's time: on an H200 they were most of the fast preset's 0.45-0.68 s to 99%
+    from the first step (0.06-0.08 s without them)."""
     for split in ("validation", "test"):
         if len(datasets[split]["label"]):
             arrays, batch_size = _eval_arrays(datasets[split], config.eval_batch_size, mesh)
