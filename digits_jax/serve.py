@@ -179,21 +179,25 @@ class _Handler(BaseHTTPRequestHandler):
         # A body left unread makes the kernel reset the connection on close, which can lose our answer.
         text = self.headers.get("Content-Length", "")
         if text.isascii() and text.isdigit() and int(text) <= MAX_BODY_BYTES:
-            self.rfile.read(int(text))
+            try:
+                self.rfile.read(int(text))
+            except OSError:  # the body stopped coming: answer anyway, then close
+                self.close_connection = True
 
     def _send_json(self, status: HTTPStatus, payload: dict[str, Any], **headers: str) -> None:
         self._send(status, "application/json", json.dumps(payload).encode(), **headers)
 
     def _send(self, status: HTTPStatus, content_type: str, body: bytes, **headers: str) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        for name, value in headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            with contextlib.suppress(ConnectionError):  # the page went away before reading the answer
+        # The client may be gone before the answer (a page closed, a reset connection): nothing to tell it then.
+        with contextlib.suppress(ConnectionError):
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            if self.command != "HEAD":
                 self.wfile.write(body)
 
     def log_request(self, code: int | str = "-", size: int | str = "-") -> None:

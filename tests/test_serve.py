@@ -8,9 +8,11 @@ import json
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -153,6 +155,23 @@ def test_a_body_that_stops_short_is_408_after_the_timeout_without_a_traceback(se
     head, _, body = response.partition(b"\r\n\r\n")
     assert head.split()[1] == b"408"
     assert "stopped before its 1000 bytes" in json.loads(body)["error"]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_client_that_resets_mid_body_leaves_no_traceback(server, capsys):
+    with socket.create_connection(server.socket.getsockname()[:2], timeout=30) as client:
+        client.sendall(b"POST /predict HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\n\x89PNG")
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends a reset
+    time.sleep(1)  # the server reads the reset, then answers 408 to nobody
+    assert capsys.readouterr().err == ""
+
+
+def test_a_stalled_body_on_an_unknown_path_still_gets_its_404(server, monkeypatch, capsys):
+    monkeypatch.setattr(serve._Handler, "timeout", 0.5)
+    with socket.create_connection(server.socket.getsockname()[:2], timeout=30) as client:
+        client.sendall(b"POST /nothing-here HTTP/1.1\r\nHost: test\r\nContent-Length: 1000\r\n\r\nabc")
+        response = client.makefile("rb").read()
+    assert response.split()[1] == b"404"
     assert capsys.readouterr().err == ""
 
 
