@@ -8,8 +8,9 @@ Layout of `workdir`:
                    directory alone is enough to restore and evaluate.
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a crash
 mid-save leaves the previous checkpoints intact. Each record also carries the SHA-256 of the saved
-state: a checkpoint whose files were damaged later is detected on restore and skipped, with a warning,
-for the newest intact one.
+state: a checkpoint whose files were damaged later is detected on restore and skipped, with a warning, for
+the next candidate (the newest intact one on resume and for step "latest", the next best by validation for
+"best").
 """
 
 from __future__ import annotations
