@@ -310,12 +310,34 @@ def _to_arrays(source: Any, origin: str) -> Split:
     return {"image": images, "label": labels}
 
 
-def _check_labels(labels: np.ndarray, num_classes: int, origin: str) -> None:
-    bad = labels[(labels < 0) | (labels >= num_classes)]
-    if bad.size:
-        examples = sorted(set(bad[:10].tolist()))
-        raise DataError(f"{origin}: {bad.size} labels outside [0, {num_classes}) (e.g. {examples}); "
-                        f"set config.num_classes to cover them or fix the labels")
+def check(splits: Splits, num_classes: int, origins: dict[str, str] | None = None) -> None:
+    """Raises DataError unless `splits` holds 'train', 'validation' and 'test', each {'image': (N, H, W, C) uint8,
+    'label': (N,) integers in [0, num_classes)}, with the same (H, W, C) in every split. `origins` names each
+    split's source in the messages (default: "the SPLIT split")."""
+    shapes = {}
+    for split in ("train", "validation", "test"):
+        origin = (origins or {}).get(split, f"the {split} split")
+        arrays = splits.get(split)
+        if arrays is None or "image" not in arrays or "label" not in arrays:
+            raise DataError(f"{origin}: missing; give 'train', 'validation' and 'test', each {{'image', 'label'}} "
+                            "(a split may have 0 rows)")
+        images, labels = np.asarray(arrays["image"]), np.asarray(arrays["label"])
+        if images.dtype != np.uint8 or images.ndim != 4:
+            raise DataError(f"{origin}: images are {images.dtype} of shape {images.shape}; give uint8 pixels 0-255 "
+                            "shaped (N, height, width, channels): the model scales them itself")
+        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{origin}: labels are {labels.dtype} of shape {labels.shape} for {len(images)} images; "
+                            "give one integer class per image")
+        bad = labels[(labels < 0) | (labels >= num_classes)]
+        if bad.size:
+            examples = sorted(set(bad[:10].tolist()))
+            raise DataError(f"{origin}: {bad.size} labels outside [0, {num_classes}) (e.g. {examples}); set "
+                            "config.num_classes to cover them or fix the labels")
+        shapes[origin] = images.shape[1:]
+    if len(set(shapes.values())) > 1:
+        raise DataError("the splits' images differ in size (height, width, channels): "
+                        f"{'; '.join(f'{o} {shape}' for o, shape in shapes.items())}; a model takes one size: "
+                        "give every split the same")
 
 
 def load_key(config: Config) -> tuple[object, ...]:
@@ -343,12 +365,6 @@ def load(config: Config) -> Splits:
     else:
         splits = load_tfds(config.dataset)
         origins = {split: f"tensorflow-datasets {config.dataset!r} split {split!r}" for split in splits}
-    for split, arrays in splits.items():
-        _check_labels(arrays["label"], config.num_classes, origins[split])
-    if splits["train"]["image"].shape[1:] != splits["test"]["image"].shape[1:]:
-        raise DataError(f"the training split ({origins['train']}) has images of {splits['train']['image'].shape[1:]} "
-                        f"(height, width, channels), the test split ({origins['test']}) of "
-                        f"{splits['test']['image'].shape[1:]}: a model takes one size; give both splits the same")
 
     train, n = splits["train"], len(splits["train"]["label"])
     if not 0 <= config.validation_size < n:
@@ -359,7 +375,9 @@ def load(config: Config) -> Splits:
     train = {key: array[:cut] for key, array in train.items()}
     if config.train_limit is not None:
         train = {key: array[:config.train_limit] for key, array in train.items()}
-    return {"train": train, "validation": validation, "test": splits["test"]}
+    loaded = {"train": train, "validation": validation, "test": splits["test"]}
+    check(loaded, config.num_classes, origins | {"validation": origins["train"]})
+    return loaded
 
 
 def fingerprint(splits: Splits) -> str:

@@ -395,7 +395,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     mesh = parallel.make_mesh(config.num_devices)
     parallel.check_divisible(mesh, config.batch_size)
     log = progress.Progress(config.epochs)
-    datasets = datasets if datasets is not None else data.load(config)
+    if datasets is None:
+        datasets = data.load(config)
+    else:  # what `data.load` checks in the data it reads
+        data.check(datasets, config.num_classes)
     train = datasets["train"]
     steps_per_epoch = len(train["label"]) // config.batch_size
     if steps_per_epoch == 0:

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from digits_jax import augment, checkpoint, models, optim, parallel, train
+from digits_jax import augment, checkpoint, data, models, optim, parallel, train
 
 
 def fresh_state(config, data):
@@ -161,6 +161,22 @@ def test_clean_epochs_train_the_last_epochs_on_unaugmented_images(tmp_path, tiny
         np.testing.assert_allclose(ours, clean_leaf, rtol=1e-4, atol=1e-7)
     assert not all(np.allclose(a, b, rtol=1e-2, atol=1e-4)
                    for a, b in zip(jax.tree.leaves(run.params), jax.tree.leaves(augmented.params), strict=True))
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    (lambda d: d | {"train": d["train"] | {"label": np.where(d["train"]["label"] == 0, 10, d["train"]["label"])}},
+     r"the train split: \d+ labels outside \[0, 10\) \(e.g. \[10\]\)"),  # SVHN stores digit 0 as 10
+    (lambda d: d | {"test": d["test"] | {"image": d["test"]["image"] / np.float32(255)}},
+     r"the test split: images are float32 of shape \(2000, 28, 28, 1\); give uint8"),
+    (lambda d: d | {"validation": d["validation"] | {"image": d["validation"]["image"][:, :27]}},
+     r"differ in size .* the validation split \(27, 28, 1\)"),
+    (lambda d: {k: v for k, v in d.items() if k != "validation"}, "the validation split: missing"),
+])
+def test_train_and_evaluate_checks_the_datasets_it_is_given(tmp_path, tiny_config, tiny_data, change, message):
+    """As data.load checks what it reads: a label of 10 would train as an all-zero one-hot target, with no loss."""
+    with pytest.raises(data.DataError, match=message):
+        train.train_and_evaluate(tiny_config, tmp_path / "run", datasets=change(tiny_data))
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_with_a_different_config_is_refused(tmp_path, tiny_config, tiny_data):
