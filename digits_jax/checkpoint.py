@@ -21,6 +21,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import numbers
 import os
 import shutil
 import socket
@@ -128,6 +129,11 @@ class RunDir:
         """
         latest = self.manager.latest_step()
         if latest is None:
+            records = read_records(self.path)
+            if records and not resume:  # the checkpoints were deleted, say, to save space: the records remain
+                raise FileExistsError(f"{self.path} holds the records of a run ({len(records)} epochs in {METRICS}) "
+                                      "but no checkpoint; pass --resume to train it again from the start, "
+                                      "replacing them, or choose a new --workdir")
             if self.primary:
                 _write_atomic(self.path / "config.json", self.config.to_json())
                 _write_atomic(self.path / METRICS, "")  # records of a run killed before its first checkpoint
@@ -135,7 +141,11 @@ class RunDir:
         if not resume:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
                                   "pass --resume to continue it, or choose a new --workdir")
-        saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
+        try:
+            saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"{self.path / 'config.json'}: {error}; fix the file, or start a new --workdir (each "
+                             "checkpoint holds its own copy of the config: digits_jax.restore(path).config)") from None
         changed = saved.changed_fields(self.config)
         if changed:
             raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
@@ -296,10 +306,10 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
     from digits_jax.train import create_train_state  # train imports this module
 
     if step not in ("best", "latest"):
-        try:
-            step = int(step)
-        except ValueError:
-            raise ValueError(f"step {step!r}: give an epoch number, 'best' or 'latest'") from None
+        # Whole numbers only: int() would read 21.9 as epoch 21 and True as epoch 1.
+        if isinstance(step, bool) or not (isinstance(step, numbers.Integral) or str(step).isdigit()):
+            raise ValueError(f"step {step!r}: give an epoch number, 'best' or 'latest'")
+        step = int(step)
     directory, chosen = _locate(Path(path).absolute())
     if chosen is not None and isinstance(step, int) and step != chosen:
         raise ValueError(f"{path} is the checkpoint of epoch {chosen}, not {step}: drop --step, or pass the run "

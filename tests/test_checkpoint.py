@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import shutil
+
 import jax
 import numpy as np
 import pytest
@@ -64,6 +66,30 @@ def test_restore_errors_name_the_path(tmp_path, finished_run):
     with pytest.raises(ValueError, match=r"is the checkpoint of epoch 2, not 1"):
         checkpoint.restore(finished_run[0] / "checkpoints" / "2", step="1")
     assert checkpoint.restore(finished_run[0], step="1").epoch == 1
+    assert checkpoint.restore(finished_run[0], step=np.int64(1)).epoch == 1
+    for not_an_epoch in (1.9, True, "1.5"):  # int() would have read these as epoch 1
+        with pytest.raises(ValueError, match=r"give an epoch number, 'best' or 'latest'"):
+            checkpoint.restore(finished_run[0], step=not_an_epoch)
+
+
+def test_a_run_with_records_but_no_checkpoint_is_not_overwritten_without_resume(tmp_path, tiny_config, tiny_data):
+    workdir = tmp_path / "run"
+    train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, datasets=tiny_data)
+    records = (workdir / "metrics.jsonl").read_text()
+    shutil.rmtree(workdir / "checkpoints")  # kept the records, freed the space
+    with pytest.raises(FileExistsError, match=r"holds the records of a run \(1 epochs in metrics.jsonl\) but no "
+                                              r"checkpoint; pass --resume to train it again from the start"):
+        train.train_and_evaluate(tiny_config.replace(epochs=1, seed=5), workdir, datasets=tiny_data)
+    assert (workdir / "metrics.jsonl").read_text() == records
+
+
+@pytest.mark.parametrize("text", ["{", "", '{"epoch": 3}'])
+def test_resume_names_a_damaged_config_json(finished_run, tmp_path, tiny_config, tiny_data, text):
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    (workdir / "config.json").write_text(text)
+    with pytest.raises(ValueError, match=rf"{workdir / 'config.json'}: .*; fix the file, or start a new --workdir"):
+        train.train_and_evaluate(tiny_config, workdir, resume=True, datasets=tiny_data)
 
 
 @pytest.mark.parametrize("accuracies,best_epoch", [
