@@ -39,7 +39,7 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_ensemble(args)
     path = args.checkpoint[0]
     restored = checkpoint.restore(path, step=args.step)
-    config = restored.config.replace(data_dir=args.data_dir) if args.data_dir else restored.config
+    config = _data_config(restored.config, args)
     split = data.load(config)[args.split]
     _check_nonempty(split, path, args.split)
     restored.check_images(split["image"], args.split, config)
@@ -66,11 +66,16 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_config(config: config_lib.Config, args: argparse.Namespace) -> config_lib.Config:
+    """A run's config with the data that --data-dir and --dataset name instead of its own, where given."""
+    return config.replace(**{k: v for k, v in (("data_dir", args.data_dir), ("dataset", args.dataset)) if v})
+
+
 def _eval_ensemble(args: argparse.Namespace) -> int:
     from digits_jax import checkpoint, data, ensemble
 
     restored = [checkpoint.restore(path, step=args.step) for path in args.checkpoint]
-    configs = [r.config.replace(data_dir=args.data_dir) if args.data_dir else r.config for r in restored]
+    configs = [_data_config(r.config, args) for r in restored]
     loaded: dict[tuple[object, ...], dict[str, np.ndarray]] = {}  # each distinct data config read once
     splits = []
     for config in configs:
@@ -128,7 +133,7 @@ def _predict(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from digits_jax import report
 
-    markdown = report.write_report(args.run_dir, args.out, data_dir=args.data_dir)
+    markdown = report.write_report(args.run_dir, args.out, data_dir=args.data_dir, dataset=args.dataset)
     print(f"wrote {markdown} with {', '.join(str(markdown.parent / name) for name in report.FIGURES)}")
     return 0
 
@@ -161,6 +166,10 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"digits-jax: warning: {message}", file=sys.stderr)
 
 
+DATASET_HELP = ("what --data-dir holds (default: the run's dataset); any name but mnist, e.g. custom, reads IDX "
+                "files without the MNIST checksums")
+
+
 def parser() -> argparse.ArgumentParser:
     """The argument parser of `digits-jax`."""
     p = argparse.ArgumentParser(prog="digits-jax", description="Train and evaluate digit classifiers with JAX.")
@@ -186,6 +195,7 @@ def parser() -> argparse.ArgumentParser:
                    "'latest'")
     e.add_argument("--split", default="test", choices=("test", "validation", "train"))
     e.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
+    e.add_argument("--dataset", help=DATASET_HELP)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(run=_eval)
 
@@ -200,6 +210,7 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory that `train` wrote")
     rp.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/report)")
     rp.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
+    rp.add_argument("--dataset", help=DATASET_HELP)
     rp.set_defaults(run=_report)
 
     r = sub.add_parser("runs", help="print a table comparing run directories")

@@ -131,8 +131,8 @@ def _read_verified(path: Path, name: str, ndim: int, verify_mnist: bool) -> np.n
         if actual != MNIST_SHA256[name]:
             raise DataError(f"{path}: checksum mismatch: expected sha256 {MNIST_SHA256[name]}, found {actual} "
                             f"(of the uncompressed content); the file is corrupt or not the official MNIST. "
-                            f"Download it again, or load it without the MNIST pins as another dataset: "
-                            f"--data-dir DIR --set dataset=custom")
+                            f"Download it again, or read it without the MNIST pins as another dataset: --data-dir DIR "
+                            f"with `train --set dataset=custom` or `eval`/`report --dataset custom`")
     return array
 
 

@@ -20,13 +20,14 @@ FIGURES = (CURVES, CONFUSION, MISTAKES)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir: str | None = None,
-                 mistakes: int = 24) -> Path:
+                 dataset: str | None = None, mistakes: int = 24) -> Path:
     """Writes curves.png, confusion.png, mistakes.png and report.md for a run directory.
 
     Args:
       run_dir: a directory that `digits-jax train` wrote (metrics.jsonl and checkpoints/).
       out: where to write; default RUN_DIR/report.
       data_dir: IDX directory for the test split; default as the run was trained.
+      dataset: what `data_dir` holds, default the run's dataset; any name but "mnist" skips the MNIST checksums.
       mistakes: how many misclassified test digits to show, the most confident first.
     Returns:
       the path of report.md. The test figures use the best checkpoint by validation accuracy (without a
@@ -39,7 +40,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
         raise ValueError(f"{run_dir / checkpoint.METRICS}: no epoch records; give a run directory that "
                          "`digits-jax train` wrote and that finished at least one epoch")
     restored = checkpoint.restore(run_dir, step="best")
-    config = restored.config.replace(data_dir=data_dir) if data_dir else restored.config
+    config = restored.config.replace(**{k: v for k, v in (("data_dir", data_dir), ("dataset", dataset)) if v})
     test = data.load(config)["test"]
     restored.check_images(test["image"], "test", config)
     state = restored.state

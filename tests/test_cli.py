@@ -7,11 +7,13 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from PIL import Image
 
 from digits_jax import checkpoint, data, ensemble
 from tests.conftest import REPO, one_device
+from tests.test_data import write_idx
 
 
 def digits_jax(*args, check=True, env=None):
@@ -36,6 +38,25 @@ def cli_run(tmp_path_factory, mnist_dir, cli_cache):
     env = {k: v for k, v in os.environ.items() if k not in cache_settings} | {"XDG_CACHE_HOME": str(cli_cache)}
     result = digits_jax("train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir), env=env)
     return workdir, result.stdout
+
+
+def test_eval_and_report_read_other_idx_data_as_dataset_custom(cli_run, tmp_path):
+    """A model trained on MNIST scored on other IDX files: the MNIST checksums refuse them until --dataset says so."""
+    workdir, _ = cli_run
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 200), ("test", 50)):
+        image_name, label_name = data.IDX_FILES[split]
+        write_idx(tmp_path / f"{image_name}.gz", rng.integers(0, 256, (n, 28, 28)))
+        write_idx(tmp_path / f"{label_name}.gz", rng.integers(0, 10, n))
+    refused = digits_jax("eval", "--checkpoint", str(workdir), "--data-dir", str(tmp_path), check=False)
+    assert refused.returncode == 1 and "checksum mismatch" in refused.stderr
+    assert "`eval`/`report --dataset custom`" in refused.stderr
+    scored = digits_jax("eval", "--checkpoint", str(workdir), "--data-dir", str(tmp_path), "--dataset", "custom",
+                        "--json")
+    assert json.loads(scored.stdout)["count"] == 50
+    digits_jax("report", str(workdir), "--data-dir", str(tmp_path), "--dataset", "custom", "--out",
+               str(tmp_path / "report"))
+    assert "(50 images, " in (tmp_path / "report" / "report.md").read_text()
 
 
 def test_train_keeps_compiled_programs_in_the_default_cache(cli_run, cli_cache):
