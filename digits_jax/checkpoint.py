@@ -51,6 +51,10 @@ class RunInUseError(RuntimeError):
     """Another live process is writing the run directory."""
 
 
+class ModelNeededError(ValueError):
+    """The run was trained with a Flax module given from Python; `restore` needs it as `model=`."""
+
+
 class CheckpointSkippedWarning(UserWarning):
     """A checkpoint could not be read back intact and an older one was used."""
 
@@ -317,6 +321,11 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
     manager = _manager(directory, read_only=True)
 
     def abstract_state(meta: Any) -> Any:
+        custom = meta.record.get("custom_model")
+        if custom and model is None:
+            raise ModelNeededError(f"{directory} was trained with a model given from Python ({custom}), not the "
+                                   f"registered model {meta.config['model']!r} of its config: restore it from Python "
+                                   f"with digits_jax.restore(path, model=...) and that module")
         config = Config.from_dict(meta.config)
         net = model if model is not None else models.create(config.model, config.num_classes)
         # The schedule is sized by the steps per epoch the run had, so that training on continues it.
@@ -352,6 +361,8 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
             continue
         try:
             target = ocp.args.StandardRestore(abstract_state(meta))
+        except ModelNeededError:
+            raise
         except ValueError as error:  # Not damage: a config this version cannot build (e.g. a newer field).
             raise ValueError(f"{where} was saved with a config this digits_jax cannot use: {error}. Restore it "
                              "with the digits_jax version that trained it") from error

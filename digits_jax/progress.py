@@ -43,7 +43,8 @@ class Progress:
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.tty:
             # The same in every epoch of a run (or of one call): metrics.jsonl keeps them.
-            shown = {k: v for k, v in record.items() if k not in ("image_shape", "data_sha256", "started")}
+            hidden = ("image_shape", "data_sha256", "started", "custom_model")
+            shown = {k: v for k, v in record.items() if k not in hidden}
             self._print("epoch " + " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
             return
         parts = [f"epoch {record['epoch']:>3}/{self.epochs}", f"loss {record['train_loss']:.4f}",

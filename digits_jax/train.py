@@ -404,6 +404,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     if steps_per_epoch == 0:
         raise ValueError(f"config.batch_size ({config.batch_size}) is larger than the training split "
                          f"({len(train['label'])} images): lower it or use more data")
+    custom_model = None if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
     model = model if model is not None else models.create(config.model, config.num_classes)
     tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
     state = create_train_state(config, model, train["image"].shape[1:], tx)
@@ -431,6 +432,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             sums = parallel.to_host(sums)
             _check_finite(state, sums, run.path)
             record = _train_record(state, sums, time.perf_counter() - epoch_start, train["image"].shape[1:])
+            if custom_model:  # config.model does not describe it: restoring must be given the module
+                record["custom_model"] = custom_model
             record["data_sha256"] = data_sha256
             for split in ("validation", "test"):
                 if len(datasets[split]["label"]):

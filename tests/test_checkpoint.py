@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import shutil
 
+import flax.linen as nn
 import jax
 import numpy as np
 import pytest
@@ -90,6 +91,24 @@ def test_resume_names_a_damaged_config_json(finished_run, tmp_path, tiny_config,
     (workdir / "config.json").write_text(text)
     with pytest.raises(ValueError, match=rf"{workdir / 'config.json'}: .*; fix the file, or start a new --workdir"):
         train.train_and_evaluate(tiny_config, workdir, resume=True, datasets=tiny_data)
+
+
+class TinyMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tiny_config, tiny_data):
+    workdir = tmp_path / "mlp"
+    train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, model=TinyMLP(), datasets=tiny_data)
+    assert checkpoint.read_records(workdir)[0]["custom_model"] == "tests.test_checkpoint.TinyMLP"
+    # Without it the config's model "seed" would be built: a CLI command must say what to do instead.
+    with pytest.raises(checkpoint.ModelNeededError, match=r"trained with a model given from Python "
+                                                          r"\(tests.test_checkpoint.TinyMLP\), not the registered "
+                                                          r"model 'seed'"):
+        checkpoint.restore(workdir)
+    assert checkpoint.restore(workdir, model=TinyMLP()).epoch == 1
 
 
 @pytest.mark.parametrize("accuracies,best_epoch", [
