@@ -123,9 +123,10 @@ class Config:
         return self
 
     def changed_fields(self, other: Config) -> list[str]:
-        """Names of the fields whose values differ in `other`: what would make a run of `other` compute something
-        else than a run of self. Placement (PLACEMENT_FIELDS) and data_dir (where the data are read from: runs
-        check the data's SHA-256 instead) are left out."""
+        """Names of the fields whose values differ in `other`, which a resumed run refuses: every field but placement
+        (PLACEMENT_FIELDS) and data_dir (where the data are read from: runs check the data's SHA-256 instead),
+        including the few that do not change what a run computes (name, keep_checkpoints, eval_batch_size), since
+        config.json keeps one value of each."""
         return [f.name for f in dataclasses.fields(self) if f.name not in (*PLACEMENT_FIELDS, "data_dir")
                 and getattr(self, f.name) != getattr(other, f.name)]
 
