@@ -52,7 +52,8 @@ class RunInUseError(RuntimeError):
 
 
 class ModelNeededError(ValueError):
-    """The run was trained with a Flax module given from Python; `restore` needs it as `model=`."""
+    """The run was trained with another model than the one given: a Flax module from Python (`restore` needs it
+    as `model=`), or config.model's where this call gives a module."""
 
 
 class CheckpointSkippedWarning(UserWarning):
@@ -125,19 +126,21 @@ class RunDir:
             raise OSError(f"cannot write to run directory {self.path}: {e.strerror}; choose another --workdir") from e
         self.manager = _manager(self.path / CHECKPOINTS, keep, track_best=config.validation_size > 0)
 
-    def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None) -> Any:
+    def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None,
+                         custom_model: str | None = None) -> Any:
         """Returns `state` restored from the newest intact checkpoint when resuming, else `state` unchanged.
 
         The restored arrays get the shardings of `state`'s. `data_sha256` (see `data.fingerprint`), when
-        given, must match the one the checkpoint was trained on.
+        given, must match the one the checkpoint was trained on; `custom_model` (the class of a module given
+        from Python, None for config.model) must be the one it was trained with.
         """
         latest = self.manager.latest_step()
         if latest is None:
-            records = read_records(self.path)
-            if records and not resume:  # the checkpoints were deleted, say, to save space: the records remain
-                raise FileExistsError(f"{self.path} holds the records of a run ({len(records)} epochs in {METRICS}) "
-                                      "but no checkpoint; pass --resume to train it again from the start, "
-                                      "replacing them, or choose a new --workdir")
+            # Checkpoints deleted to save space, or a run killed before its first one was complete: its records stay.
+            if not resume and read_records(self.path):
+                raise FileExistsError(f"{self.path} holds the records of a run ({len(read_records(self.path))} "
+                                      f"epochs in {METRICS}) but no checkpoint; pass --resume to train it again from "
+                                      "the start, replacing them, or choose a new --workdir")
             if self.primary:
                 _write_atomic(self.path / "config.json", self.config.to_json())
                 _write_atomic(self.path / METRICS, "")  # records of a run killed before its first checkpoint
@@ -155,8 +158,19 @@ class RunDir:
             raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
                              "config.json; resume with the same config or start a new --workdir")
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
+
+        def name(model: str | None) -> str:
+            return f"the module {model} given from Python" if model else f"config.model {self.config.model!r}"
+
+        def abstract_state(meta: Any) -> Any:  # checked before the state is read: another tree would fail first
+            trained = meta.record.get("custom_model")
+            if trained != custom_model:
+                raise ModelNeededError(f"cannot resume {self.path}: it was trained with {name(trained)}, this call "
+                                       f"gives {name(custom_model)}; resume with the same model")
+            return abstract
+
         steps = sorted(self.manager.all_steps(), reverse=True)
-        epoch, state, meta = _restore_intact(self.manager, steps, lambda _: abstract, self.path / CHECKPOINTS)
+        epoch, state, meta = _restore_intact(self.manager, steps, abstract_state, self.path / CHECKPOINTS)
         trained_on = meta.record.get("data_sha256")
         if data_sha256 is not None and trained_on is not None and trained_on != data_sha256:
             raise ValueError(f"cannot resume {self.path}: the data differ from what it was trained on (SHA-256 "
@@ -311,7 +325,8 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
 
     if step not in ("best", "latest"):
         # Whole numbers only: int() would read 21.9 as epoch 21 and True as epoch 1.
-        if isinstance(step, bool) or not (isinstance(step, numbers.Integral) or str(step).isdigit()):
+        text = str(step)
+        if isinstance(step, bool) or not (isinstance(step, numbers.Integral) or text.isascii() and text.isdigit()):
             raise ValueError(f"step {step!r}: give an epoch number, 'best' or 'latest'")
         step = int(step)
     directory, chosen = _locate(Path(path).absolute())

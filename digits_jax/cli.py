@@ -39,7 +39,7 @@ def _eval(args: argparse.Namespace) -> int:
         return _eval_ensemble(args)
     path = args.checkpoint[0]
     restored = checkpoint.restore(path, step=args.step)
-    config = _data_config(restored.config, args)
+    config = data.with_source(restored.config, args.data_dir, args.dataset)
     split = data.load(config)[args.split]
     _check_nonempty(split, path, args.split)
     restored.check_images(split["image"], args.split, config)
@@ -47,6 +47,8 @@ def _eval(args: argparse.Namespace) -> int:
                             tta_shift=config.tta_shift)
     # The record's train accuracy is the running one over the epoch's augmented steps, not this model's on the split.
     recorded = restored.record.get(f"{args.split}_accuracy") if args.split != "train" else None
+    if args.dataset or (args.data_dir and restored.config.dataset != "mnist"):
+        recorded = None  # other data than the run's (MNIST files are checked against the MNIST checksums)
     # A class without examples in the split (a small validation split) has no accuracy: null, as JSON has no NaN.
     per_class = [None if np.isnan(a) else a for a in result.per_class_accuracy.tolist()]
     report = {"checkpoint": str(path), "epoch": restored.epoch, "split": args.split,
@@ -66,16 +68,11 @@ def _eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def _data_config(config: config_lib.Config, args: argparse.Namespace) -> config_lib.Config:
-    """A run's config with the data that --data-dir and --dataset name instead of its own, where given."""
-    return config.replace(**{k: v for k, v in (("data_dir", args.data_dir), ("dataset", args.dataset)) if v})
-
-
 def _eval_ensemble(args: argparse.Namespace) -> int:
     from digits_jax import checkpoint, data, ensemble
 
     restored = [checkpoint.restore(path, step=args.step) for path in args.checkpoint]
-    configs = [_data_config(r.config, args) for r in restored]
+    configs = [data.with_source(r.config, args.data_dir, args.dataset) for r in restored]
     loaded: dict[tuple[object, ...], dict[str, np.ndarray]] = {}  # each distinct data config read once
     splits = []
     for config in configs:
@@ -107,8 +104,8 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
 
 def _check_nonempty(split: dict[str, np.ndarray], path: Path, name: str) -> None:
     if not len(split["label"]):
-        raise ValueError(f"{path} has no {name} split (its run was trained with validation_size=0): evaluate "
-                         "--split test")
+        raise ValueError(f"{path} has no {name} split here (validation_size=0: its run held none out, or --dataset "
+                         "names other data, of which none is held out): evaluate --split test")
 
 
 def _predict(args: argparse.Namespace) -> int:

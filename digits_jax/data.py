@@ -340,6 +340,16 @@ def check(splits: Splits, num_classes: int, origins: dict[str, str] | None = Non
                         "give every split the same")
 
 
+def with_source(config: Config, data_dir: str | None = None, dataset: str | None = None) -> Config:
+    """`config` reading its data from `data_dir`, as `dataset` (any name but "mnist" skips the MNIST checksums),
+    where given: `eval`'s and `report`'s --data-dir and --dataset. With `dataset`, no training images are held
+    out (validation_size 0): another dataset's files are scored whole, however many training images they have."""
+    changes: dict[str, Any] = {"data_dir": data_dir} if data_dir else {}
+    if dataset:
+        changes |= {"dataset": dataset, "validation_size": 0}
+    return config.replace(**changes)
+
+
 def load_key(config: Config) -> tuple[object, ...]:
     """The fields of `config` that `load` reads: configs with equal keys get the same splits."""
     return config.dataset, config.data_dir, config.num_classes, config.validation_size, config.train_limit

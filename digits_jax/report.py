@@ -40,7 +40,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
         raise ValueError(f"{run_dir / checkpoint.METRICS}: no epoch records; give a run directory that "
                          "`digits-jax train` wrote and that finished at least one epoch")
     restored = checkpoint.restore(run_dir, step="best")
-    config = restored.config.replace(**{k: v for k, v in (("data_dir", data_dir), ("dataset", dataset)) if v})
+    config = data.with_source(restored.config, data_dir, dataset)
     test = data.load(config)["test"]
     restored.check_images(test["image"], "test", config)
     state = restored.state

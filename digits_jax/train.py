@@ -404,15 +404,17 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     if steps_per_epoch == 0:
         raise ValueError(f"config.batch_size ({config.batch_size}) is larger than the training split "
                          f"({len(train['label'])} images): lower it or use more data")
-    custom_model = None if model is None else f"{type(model).__module__}.{type(model).__qualname__}"
-    model = model if model is not None else models.create(config.model, config.num_classes)
+    registered = models.create(config.model, config.num_classes)
+    model = model if model is not None else registered
+    # A module other than config.model's is recorded, so that restoring the run asks for it.
+    custom_model = None if model == registered else f"{type(model).__module__}.{type(model).__qualname__}"
     tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
     state = create_train_state(config, model, train["image"].shape[1:], tx)
     state = parallel.put(state, parallel.state_shardings(state, mesh, config.shard_params))
 
     with checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints) as run:
         data_sha256 = data.fingerprint(datasets)
-        state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256)
+        state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256, custom_model=custom_model)
         log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]), mesh.size)
         device_data = parallel.put(datasets, parallel.replicated(mesh))
         programs: dict[TrainOptions, Any] = {}  # compiled epochs: the options are static, each its own program

@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from digits_jax import checkpoint, optim, train
+from digits_jax import checkpoint, models, optim, train
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +68,7 @@ def test_restore_errors_name_the_path(tmp_path, finished_run):
         checkpoint.restore(finished_run[0] / "checkpoints" / "2", step="1")
     assert checkpoint.restore(finished_run[0], step="1").epoch == 1
     assert checkpoint.restore(finished_run[0], step=np.int64(1)).epoch == 1
-    for not_an_epoch in (1.9, True, "1.5"):  # int() would have read these as epoch 1
+    for not_an_epoch in (1.9, True, "1.5", "\u00b2"):  # int() would have read 1.9 and True as epoch 1
         with pytest.raises(ValueError, match=r"give an epoch number, 'best' or 'latest'"):
             checkpoint.restore(finished_run[0], step=not_an_epoch)
 
@@ -109,6 +109,16 @@ def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tin
                                                           r"model 'seed'"):
         checkpoint.restore(workdir)
     assert checkpoint.restore(workdir, model=TinyMLP()).epoch == 1
+    with pytest.raises(ValueError, match=r"trained with the module tests.test_checkpoint.TinyMLP given from Python, "
+                                         r"this call gives config.model 'seed'; resume with the same model"):
+        train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, resume=True, datasets=tiny_data)
+
+
+def test_a_registered_model_given_explicitly_is_not_recorded_as_custom(tmp_path, tiny_config, tiny_data):
+    model = models.create(tiny_config.model, tiny_config.num_classes)
+    train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, model=model, datasets=tiny_data)
+    assert "custom_model" not in checkpoint.read_records(tmp_path)[0]
+    assert checkpoint.restore(tmp_path).epoch == 1
 
 
 @pytest.mark.parametrize("accuracies,best_epoch", [

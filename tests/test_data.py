@@ -170,7 +170,8 @@ def test_checksum_mismatch(tmp_path: Path) -> None:
     make_idx_dir(tmp_path)
     expected = data.MNIST_SHA256["train-images-idx3-ubyte"]
     with pytest.raises(DataError, match=f"checksum mismatch: expected sha256 {expected}, found [0-9a-f]{{64}}.*"
-                                        f"not the official MNIST.*--data-dir DIR --set dataset=custom") as info:
+                                        f"not the official MNIST.*--data-dir DIR with `train --set dataset=custom` or "
+                                        f"`eval`/`report --dataset custom`") as info:
         load_idx_dir(tmp_path, verify_mnist=True)
     assert str(tmp_path / "train-images-idx3-ubyte.gz") in str(info.value)
     # The pins apply to config.dataset == "mnist" only.

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from digits_jax import augment, checkpoint, data, models, optim, parallel, train
+from digits_jax import augment, checkpoint, data, models, optim, train
 
 
 def fresh_state(config, data):
@@ -76,21 +76,23 @@ def test_epoch_order_covers_distinct_examples_and_reshuffles(n, batch_size):
     np.testing.assert_array_equal(orders[0], train.epoch_order(rng, 0, n, batch_size))
 
 
-def test_compile_evaluation_compiles_the_programs_that_evaluate_then_runs(tiny_config, tiny_data):
-    """train_and_evaluate compiles evaluation before its first step; evaluating afterwards must compile nothing."""
-    config = tiny_config.replace(eval_batch_size=384, tta_shift=1)  # a batch size no other test evaluates with
-    mesh = parallel.make_mesh(config.num_devices)
-    state = fresh_state(config, tiny_data)
-    state = parallel.put(state, parallel.state_shardings(state, mesh, config.shard_params))
-    device_data = parallel.put(tiny_data, parallel.replicated(mesh))
+def test_train_and_evaluate_compiles_no_evaluation_after_its_first_step(tmp_path, tiny_config, tiny_data,
+                                                                        monkeypatch):
+    """Evaluation is compiled before the clock of seconds_from_first_step starts, not inside the first epoch."""
+    config = tiny_config.replace(epochs=1, eval_batch_size=320)  # a batch size no other test evaluates with
+    compiled = []
+
+    def counting(*args, real=train.evaluate, **kwargs):
+        before = train._eval_slice._cache_size()
+        result = real(*args, **kwargs)
+        compiled.append(train._eval_slice._cache_size() - before)
+        return result
+
+    monkeypatch.setattr(train, "evaluate", counting)
     before = train._eval_slice._cache_size()
-    train._compile_evaluation(state, device_data, config, mesh)
-    compiled = train._eval_slice._cache_size()
-    assert compiled == before + 2  # validation and test differ in length
-    for split in ("validation", "test"):
-        train.evaluate(state.apply_fn, state.variables, device_data[split], config.eval_batch_size, mesh,
-                       config.tta_shift)
-    assert train._eval_slice._cache_size() == compiled
+    train.train_and_evaluate(config, tmp_path / "run", datasets=tiny_data)
+    assert compiled == [0, 0]  # the validation and test evaluations of epoch 1
+    assert train._eval_slice._cache_size() == before + 2  # compiled ahead, one program per split length
 
 
 def test_train_and_evaluate_writes_records_and_checkpoints(tmp_path, tiny_config, tiny_data):
