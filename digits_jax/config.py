@@ -31,7 +31,7 @@ class Config:
     learning_rate: float = 1e-3  # peak learning rate, per batch of `batch_size` examples
     schedule: str = "onecycle"  # one of SCHEDULES; stepped once per batch
     warmup_epochs: float = 0.0  # "cosine" and "exponential": linear warm-up from 0 over this many epochs
-    decay_rate: float = 0.1  # "exponential": learning-rate factor reached at the last step
+    decay_rate: float = 0.1  # "exponential": learning-rate factor at the run's end (its last step's is just above)
     weight_decay: float = 0.0  # decoupled (AdamW) or L2-on-gradient (SGD)
     b1: float = 0.9  # Adam's first-moment decay (SGD: momentum)
     b2: float = 0.999  # Adam's second-moment decay

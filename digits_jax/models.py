@@ -288,7 +288,9 @@ class BatchNorm(nn.Module):
     same variables (params 'scale' and 'bias', batch_stats 'mean' and 'var') and the same numbers up to float32
     rounding. In training its gradient is written out, two sums and one elementwise pass; autodiff of
     `nn.BatchNorm` made XLA:CPU run three sums and several elementwise passes, and training steps took 75.9
-    instead of 81.3 ms ("bn") and 118.6 instead of 126.7 ms ("strided"; Intel Xeon machine, 2026-12-03)."""
+    instead of 81.3 ms ("bn") and 118.6 instead of 126.7 ms ("strided"; Intel Xeon machine, 2026-12-03).
+    That gradient is a `jax.custom_vjp`: reverse mode (`jax.grad`, `jax.hessian`) works through a training-mode
+    model, forward mode alone (`jax.jvp`) does not."""
 
     use_running_average: bool
     momentum: float = 0.9
