@@ -137,10 +137,11 @@ class RunDir:
         latest = self.manager.latest_step()
         if latest is None:
             # Checkpoints deleted to save space, or a run killed before its first one was complete: its records stay.
-            if not resume and read_records(self.path):
-                raise FileExistsError(f"{self.path} holds the records of a run ({len(read_records(self.path))} "
-                                      f"epochs in {METRICS}) but no checkpoint; pass --resume to train it again from "
-                                      "the start, replacing them, or choose a new --workdir")
+            records = [] if resume else read_records(self.path)
+            if records:
+                raise FileExistsError(f"{self.path} holds the records of a run ({len(records)} epochs in {METRICS}) "
+                                      "but no checkpoint; pass --resume to train it again from the start, "
+                                      "replacing them, or choose a new --workdir")
             if self.primary:
                 _write_atomic(self.path / "config.json", self.config.to_json())
                 _write_atomic(self.path / METRICS, "")  # records of a run killed before its first checkpoint
