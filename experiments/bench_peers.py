@@ -1,12 +1,17 @@
 """Our benchmark beside the peer scripts in ../shared/peers, in one invocation, interleaved, as ratios.
 
     make bench-peers               # = .venv/bin/python experiments/bench_peers.py [--rounds 1]
+    make bench-peers ARGS="--pairs 4"   # ours right before Keras, 4 times: the ratio and its spread
 
 Each round runs: ours (experiments/bench.py), Keras (tf.keras model.fit), PyTorch, naive Flax (one
 jitted step per batch fed from NumPy), and the fast PyTorch recipe (torch_fast.py --channels-last,
 5 seeds). Keras and PyTorch run from their own virtual environments under ~/.venvs, made on first use;
 the project itself never imports TensorFlow or PyTorch. Prints images/s per implementation and
 ours/peer ratios, and writes runs/bench/peers.json.
+
+`--pairs N` runs only ours (its compiled epoch and per-step path, no fast preset) and Keras, one right after
+the other, N times: on a shared machine whose speed drifts by tens of percent within the hour, the two
+figures closest in time, and the median and range of their ratios over the pairs.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import time
@@ -72,16 +78,46 @@ def one_round(epochs: int, out: Path) -> dict[str, Any]:
     return results
 
 
+def one_pair(epochs: int, out: Path) -> dict[str, float]:
+    """Ours (experiments/bench.py without the fast preset) right before Keras; images/s of both and the ratio."""
+    ours_json = out.parent / "bench-in-pair.json"
+    run("ours", [sys.executable, "experiments/bench.py", "--epochs", str(epochs), "--fast-seeds", "0",
+                 "--scaling-devices", "", "--out", str(ours_json)], REPO)
+    ours = json.loads(ours_json.read_text())["seed_cnn"]["train_images_per_second"]
+    keras = steady_images_per_second(run("keras", [python_for("peers-tf"), "keras_seed.py", str(epochs)], PEERS))
+    return {"ours": ours, "keras": keras, "ratio": ours / keras}
+
+
+def pairs_summary(pairs: list[dict[str, float]]) -> str:
+    """One line per pair, then the median, mean and range of the ratios."""
+    ratios = [p["ratio"] for p in pairs]
+    lines = [f"pair {i + 1}: ours {p['ours']:,.0f}, keras {p['keras']:,.0f} images/s: {p['ratio']:.2f}x"
+             for i, p in enumerate(pairs)]
+    lines.append(f"ours/keras over {len(pairs)} pairs: median {statistics.median(ratios):.2f}x, mean "
+                 f"{statistics.mean(ratios):.2f}x, range {min(ratios):.2f}-{max(ratios):.2f}x")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--pairs", type=int, default=0, help="N > 0: only ours and Keras, alternately, N times")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "peers.json")
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: every script's first epoch is warm-up and is not timed")
+    if args.pairs < 0:
+        parser.error("--pairs must be 0 (rounds of every peer) or more")
     args.out = args.out.absolute()  # bench.py runs from the repository root
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    if args.pairs > 0:
+        pairs = [one_pair(args.epochs, args.out) for _ in range(args.pairs)]
+        args.out.write_text(json.dumps(pairs, indent=2))
+        print("\nimages/s, seed CNN at batch 128 (steady epochs), ours right before Keras:")
+        print(pairs_summary(pairs))
+        print(f"wrote {args.out}")
+        return
     rounds = [one_round(args.epochs, args.out) for _ in range(args.rounds)]
     args.out.write_text(json.dumps(rounds, indent=2))
     print("\nimages/s, seed CNN at batch 128 (steady epochs), and ours/peer:")

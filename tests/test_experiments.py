@@ -134,6 +134,15 @@ def test_benchmarks_refuse_one_epoch_that_would_be_all_warm_up(script):
     assert result.returncode == 2 and "--epochs must be at least 2" in result.stderr
 
 
+def test_bench_peers_pairs_summary():
+    bench_peers = experiment("bench_peers")
+    pairs = [{"ours": 6000.0, "keras": 5000.0, "ratio": 1.2}, {"ours": 7000.0, "keras": 4000.0, "ratio": 1.75},
+             {"ours": 5000.0, "keras": 5000.0, "ratio": 1.0}]
+    lines = bench_peers.pairs_summary(pairs).splitlines()
+    assert lines[1] == "pair 2: ours 7,000, keras 4,000 images/s: 1.75x"
+    assert lines[-1] == "ours/keras over 3 pairs: median 1.20x, mean 1.32x, range 1.00-1.75x"  # mean 3.95 / 3
+
+
 def test_bench_children_take_a_share_of_a_gpu_unless_told_otherwise(monkeypatch):
     bench = experiment("bench")
     monkeypatch.delenv("XLA_PYTHON_CLIENT_MEM_FRACTION", raising=False)
