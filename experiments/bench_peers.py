@@ -61,16 +61,25 @@ def steady_images_per_second(stdout: str) -> float:
     return float(match.group(2))
 
 
-def one_round(epochs: int, out: Path) -> dict[str, Any]:
+def ours(epochs: int, out: Path, *options: str) -> dict[str, Any]:
+    """experiments/bench.py with `options`, run from the repository root; its JSON report."""
     ours_json = out.parent / "bench-in-peers.json"
-    run("ours", [sys.executable, "experiments/bench.py", "--epochs", str(epochs), "--out", str(ours_json)], REPO)
-    ours = json.loads(ours_json.read_text())
+    run("ours", [sys.executable, "experiments/bench.py", "--epochs", str(epochs), *options, "--out", str(ours_json)],
+        REPO)
+    return json.loads(ours_json.read_text())
+
+
+def peer_images_per_second(name: str, python: str, script: str, epochs: int) -> float:
+    """Steady images/s of the peer script `script` in ../shared/peers, run by `python`."""
+    return steady_images_per_second(run(name, [python, script, str(epochs)], PEERS))
+
+
+def one_round(epochs: int, out: Path) -> dict[str, Any]:
     tf, torch = python_for("peers-tf"), python_for("peers-torch")
-    results: dict[str, Any] = {"ours": ours}
+    results: dict[str, Any] = {"ours": ours(epochs, out)}
     for name, python, script in (("keras", tf, "keras_seed.py"), ("pytorch", torch, "torch_seed.py"),
                                  ("naive_flax", sys.executable, "flax_seed.py")):
-        results[name] = {"images_per_second": steady_images_per_second(run(name, [python, script, str(epochs)],
-                                                                          PEERS))}
+        results[name] = {"images_per_second": peer_images_per_second(name, python, script, epochs)}
     fast = run("torch_fast", [torch, "torch_fast.py", "--channels-last"], PEERS)
     seeds = re.findall(r"seed (\d+): test_acc ([\d.]+)%.*?train ([\d.]+) s.*?process ([\d.]+) s", fast)
     results["torch_fast"] = {"seeds": [{"seed": int(s), "test_accuracy": float(a) / 100, "train_seconds": float(t),
@@ -80,12 +89,9 @@ def one_round(epochs: int, out: Path) -> dict[str, Any]:
 
 def one_pair(epochs: int, out: Path) -> dict[str, float]:
     """Ours (experiments/bench.py without the fast preset) right before Keras; images/s of both and the ratio."""
-    ours_json = out.parent / "bench-in-pair.json"
-    run("ours", [sys.executable, "experiments/bench.py", "--epochs", str(epochs), "--fast-seeds", "0",
-                 "--scaling-devices", "", "--out", str(ours_json)], REPO)
-    ours = json.loads(ours_json.read_text())["seed_cnn"]["train_images_per_second"]
-    keras = steady_images_per_second(run("keras", [python_for("peers-tf"), "keras_seed.py", str(epochs)], PEERS))
-    return {"ours": ours, "keras": keras, "ratio": ours / keras}
+    mine = ours(epochs, out, "--fast-seeds", "0", "--scaling-devices", "")["seed_cnn"]["train_images_per_second"]
+    keras = peer_images_per_second("keras", python_for("peers-tf"), "keras_seed.py", epochs)
+    return {"ours": mine, "keras": keras, "ratio": mine / keras}
 
 
 def pairs_summary(pairs: list[dict[str, float]]) -> str:
