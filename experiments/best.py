@@ -57,8 +57,9 @@ def train_blind(run_config: config.Config, workdir: str, splits: data.Splits) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=None, help="run directory (default runs/best-{MODEL}[-full]-seed{SEED}; "
-                        "-full: validation_size=0)")
+    parser.add_argument("--workdir", default=None,
+                        help="run directory (default runs/best-{MODEL}[-full][-KEY=VALUE...]-seed{SEED}; -full: "
+                        "validation_size=0; -KEY=VALUE: each other field --set changes)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
     args = parser.parse_args()

@@ -8,7 +8,7 @@ without looking at the test set. Each member contributes its checkpoint picked b
 ensemble is scored on the validation split and then once on the test set. With `--set validation_size=0` the
 members train on all 60,000 training images (runs/best-{model}-full-seed{i}) and contribute their last epoch.
 Members of one recipe agree too often for averaging them to help much. `--models bn strided` adds the no-pooling
-CNN (1.7x the time per epoch); on validation, bn + strided (15 epochs, seed 0 each) scored 99.72%, no more than
+CNN (about 1.5x the time per epoch); on validation, bn + strided (15 epochs, seed 0 each) scored 99.72%, no more than
 strided alone. The best ensemble so far, 99.73% (an H200; experiments/results/accuracy.md):
 `--models bn strided --seeds 10 --set epochs=60 --method vote`.
 """
