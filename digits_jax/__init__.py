@@ -1,8 +1,9 @@
 """digits_jax: train and evaluate handwritten-digit classifiers with JAX, Flax, Optax and Orbax."""
 
-from digits_jax import config, data, metrics, models, optim, parallel, runs
+from digits_jax import config, data, ensemble, metrics, models, optim, parallel, predict, runs
 from digits_jax.checkpoint import (
     CheckpointSkippedWarning,
+    ModelNeededError,
     Restored,
     RunInUseError,
     best_record,
@@ -26,8 +27,8 @@ from digits_jax.train import (
 )
 
 __all__ = [
-    "CheckpointSkippedWarning", "Config", "DataError", "EvalResult", "NonFiniteError", "Restored", "RunInUseError",
-    "TrainState", "best_record", "config", "create_train_state", "data", "epoch_order", "eval_step", "evaluate",
-    "load", "metrics", "models", "optim", "parallel", "read_records", "restore", "runs", "state_digest",
-    "train_and_evaluate", "train_epoch", "train_step",
+    "CheckpointSkippedWarning", "Config", "DataError", "EvalResult", "ModelNeededError", "NonFiniteError", "Restored",
+    "RunInUseError", "TrainState", "best_record", "config", "create_train_state", "data", "ensemble", "epoch_order",
+    "eval_step", "evaluate", "load", "metrics", "models", "optim", "parallel", "predict", "read_records", "restore",
+    "runs", "state_digest", "train_and_evaluate", "train_epoch", "train_step",
 ]

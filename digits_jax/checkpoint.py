@@ -114,7 +114,7 @@ class RunDir:
     the lock and writes config.json and metrics.jsonl, so the directory must be on a shared filesystem.
     """
 
-    def __init__(self, workdir: str | Path, config: Config, keep: int) -> None:
+    def __init__(self, workdir: str | Path, config: Config, keep: int, track_best: bool | None = None) -> None:
         self.path = Path(workdir).absolute()  # Orbax requires absolute paths.
         self.config = config
         self.primary = jax.process_index() == 0
@@ -124,7 +124,9 @@ class RunDir:
             self._lock = _take_lock(self.path) if self.primary else None
         except OSError as e:
             raise OSError(f"cannot write to run directory {self.path}: {e.strerror}; choose another --workdir") from e
-        self.manager = _manager(self.path / CHECKPOINTS, keep, track_best=config.validation_size > 0)
+        # track_best: whether records carry a validation accuracy (None: whether the config holds images out).
+        track_best = config.validation_size > 0 if track_best is None else track_best
+        self.manager = _manager(self.path / CHECKPOINTS, keep, track_best=track_best)
 
     def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None,
                          custom_model: str | None = None) -> Any:
@@ -342,6 +344,10 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
             raise ModelNeededError(f"{directory} was trained with a model given from Python ({custom}), not the "
                                    f"registered model {meta.config['model']!r} of its config: restore it from Python "
                                    f"with digits_jax.restore(path, model=...) and that module")
+        given = model and f"{type(model).__module__}.{type(model).__qualname__}"
+        if custom and given != custom:  # the same parameter tree would restore silently into another network
+            warnings.warn(f"{directory} was trained with {custom}; restoring it into {given} (renamed, or another "
+                          "module?)", stacklevel=4)
         config = Config.from_dict(meta.config)
         net = model if model is not None else models.create(config.model, config.num_classes)
         # The schedule is sized by the steps per epoch the run had, so that training on continues it.

@@ -12,6 +12,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -198,12 +199,13 @@ class Predictor:
         self.tta_shift = tta_shift
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, step: int | str = "best") -> Predictor:
-        """Restores a run directory or checkpoint (see `checkpoint.restore`); by default its best epoch.
+    def from_checkpoint(cls, path: str | Path, step: int | str = "best", model: nn.Module | None = None) -> Predictor:
+        """Restores a run directory or checkpoint (see `checkpoint.restore`); by default its best epoch. `model`:
+        the Flax module of a run trained with one given from Python (None: the run's registered config.model).
 
         It predicts as `digits-jax eval` scores that checkpoint: with the run's config.tta_shift.
         """
-        restored = checkpoint.restore(path, step=step)
+        restored = checkpoint.restore(path, step=step, model=model)
         return cls(restored.state.apply_fn, restored.state.variables, restored.record["image_shape"],
                    source=f"{path} (epoch {restored.epoch})", tta_shift=restored.config.tta_shift)
 

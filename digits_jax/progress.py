@@ -25,16 +25,19 @@ class Progress:
         if not self.quiet:
             print(text, file=self.stream, flush=True)
 
-    def start(self, config: Config, epoch: int, steps_per_epoch: int, train_size: int, devices: int = 1) -> None:
+    def start(self, config: Config, epoch: int, steps_per_epoch: int, train_size: int, devices: int = 1,
+              model: str | None = None) -> None:
+        """`model`: the name to show when it is not config.model's (a module given from Python)."""
+        model = model or config.model
         device = jax.devices()[0]
         hosts = f" on {jax.process_count()} hosts" if jax.process_count() > 1 else ""
         where = f"{devices} x {device.device_kind} ({device.platform}){hosts}"
         if self.tty:
             resumed = f", resuming after epoch {epoch}" if epoch else ""
-            self._print(f"digits-jax: config '{config.name}', model {config.model}, {train_size} training images, "
+            self._print(f"digits-jax: config '{config.name}', model {model}, {train_size} training images, "
                         f"{steps_per_epoch} steps/epoch on {where}{resumed}; compiling...")
         else:
-            self._print(f"start config={config.name} model={config.model} train_images={train_size} "
+            self._print(f"start config={config.name} model={model} train_images={train_size} "
                         f"steps_per_epoch={steps_per_epoch} devices={where!r} start_epoch={epoch}")
 
     def compiled(self, seconds: float) -> None:

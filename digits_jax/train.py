@@ -108,7 +108,11 @@ def _init_optimizer(tx: optax.GradientTransformation, params: Any, ema: bool) ->
 
 
 def preprocess(images: jax.Array) -> jax.Array:
-    """uint8 (B, H, W, C) -> float32 in [0, 1]."""
+    """uint8 (B, H, W, C) -> float32 in [0, 1]. Raises ValueError for any other dtype (checked when traced)."""
+    # Images already scaled to [0, 1] would be divided by 255 again and train or score near chance, silently.
+    if images.dtype != jnp.uint8:
+        raise ValueError(f"images must be uint8 pixels 0-255 (as data.load gives them), got {images.dtype}: "
+                         "convert with (x * 255).round().astype(np.uint8) if they were scaled to [0, 1]")
     return images.astype(jnp.float32) / 255.0
 
 
@@ -380,7 +384,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
       resume: continue from the newest checkpoint in `workdir` (required if one exists).
       model: a Flax module called as model(x, train=...) -> logits; default `models.create(config.model)`.
       tx: an optax transformation; default `optim.optimizer(config, ...)`.
-      datasets: {'train', 'validation', 'test'} splits as from `data.load`; default `data.load(config)`.
+      datasets: {'train', 'validation', 'test'} splits as from `data.load`; default `data.load(config)`. Taken as
+        given but for config.train_limit, which cuts their train split too (config.validation_size does not apply).
     Returns:
       The final TrainState.
     Raises:
@@ -397,8 +402,10 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     log = progress.Progress(config.epochs)
     if datasets is None:
         datasets = data.load(config)
-    else:  # what `data.load` checks in the data it reads
+    else:  # what `data.load` checks in the data it reads, and the limit it applies
         data.check(datasets, config.num_classes)
+        if config.train_limit is not None:
+            datasets = datasets | {"train": {k: v[:config.train_limit] for k, v in datasets["train"].items()}}
     train = datasets["train"]
     steps_per_epoch = len(train["label"]) // config.batch_size
     if steps_per_epoch == 0:
@@ -412,10 +419,12 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     state = create_train_state(config, model, train["image"].shape[1:], tx)
     state = parallel.put(state, parallel.state_shardings(state, mesh, config.shard_params))
 
-    with checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints) as run:
+    # Data given by the caller may have no validation split whatever config.validation_size says.
+    has_validation = len(datasets["validation"]["label"]) > 0
+    with checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints, track_best=has_validation) as run:
         data_sha256 = data.fingerprint(datasets)
         state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256, custom_model=custom_model)
-        log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]), mesh.size)
+        log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]), mesh.size, custom_model)
         device_data = parallel.put(datasets, parallel.replicated(mesh))
         programs: dict[TrainOptions, Any] = {}  # compiled epochs: the options are static, each its own program
         first_step = 0.0

@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from digits_jax import checkpoint, models, optim, train
+from digits_jax import checkpoint, ensemble, models, optim, train
+from digits_jax.predict import Predictor
 
 
 @pytest.fixture(scope="module")
@@ -99,16 +100,29 @@ class TinyMLP(nn.Module):
         return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
-def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tiny_config, tiny_data):
+class OtherMLP(TinyMLP):
+    pass
+
+
+def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tiny_config, tiny_data, capsys):
     workdir = tmp_path / "mlp"
     train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, model=TinyMLP(), datasets=tiny_data)
     assert checkpoint.read_records(workdir)[0]["custom_model"] == "tests.test_checkpoint.TinyMLP"
+    assert "model=tests.test_checkpoint.TinyMLP " in capsys.readouterr().out  # not config.model's "seed"
     # Without it the config's model "seed" would be built: a CLI command must say what to do instead.
     with pytest.raises(checkpoint.ModelNeededError, match=r"trained with a model given from Python "
                                                           r"\(tests.test_checkpoint.TinyMLP\), not the registered "
                                                           r"model 'seed'"):
         checkpoint.restore(workdir)
-    assert checkpoint.restore(workdir, model=TinyMLP()).epoch == 1
+    restored = checkpoint.restore(workdir, model=TinyMLP())
+    assert restored.epoch == 1
+    with pytest.warns(UserWarning, match=r"trained with tests.test_checkpoint.TinyMLP; restoring it into "
+                                         r"tests.test_checkpoint.OtherMLP"):
+        checkpoint.restore(workdir, model=OtherMLP())  # the same parameter tree: it would restore silently
+    images = tiny_data["test"]["image"][:8]
+    predictor = Predictor.from_checkpoint(workdir, model=TinyMLP())
+    np.testing.assert_allclose(predictor.predict(images), ensemble.probabilities(  # other batch shapes: rounding
+        restored.state.apply_fn, restored.state.variables, images, tta_shift=restored.config.tta_shift), rtol=1e-5)
     with pytest.raises(ValueError, match=r"trained with the module tests.test_checkpoint.TinyMLP given from Python, "
                                          r"this call gives config.model 'seed'; resume with the same model"):
         train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, resume=True, datasets=tiny_data)

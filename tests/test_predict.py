@@ -275,3 +275,12 @@ def test_cli_predict_prints_a_table(tiny_run, image_files, capsys):
     assert header.split() == ["file", "digit", "probability"]
     assert [row.split()[0] for row in rows] == [good, other]
     assert all(row.split()[1].isdigit() and row.endswith("%") for row in rows)
+
+
+def test_the_package_exposes_the_modules_and_errors_its_docs_name():
+    """README's Python examples use `digits_jax.ensemble`, `digits_jax.predict` and catch ModelNeededError."""
+    import digits_jax
+
+    assert digits_jax.ensemble is ensemble and digits_jax.predict is predict
+    assert digits_jax.ModelNeededError is checkpoint.ModelNeededError
+    assert all(hasattr(digits_jax, name) for name in digits_jax.__all__)

@@ -14,7 +14,7 @@ import numpy as np
 import optax
 import pytest
 
-from digits_jax import augment, checkpoint, data, models, optim, train
+from digits_jax import augment, checkpoint, data, ensemble, models, optim, train
 
 
 def fresh_state(config, data):
@@ -197,6 +197,32 @@ def test_preprocess_scales_uint8_to_unit_interval():
     out = train.preprocess(jnp.asarray([0, 51, 255], jnp.uint8))
     np.testing.assert_allclose(out, [0.0, 0.2, 1.0])
     assert out.dtype == jnp.float32
+
+
+def test_float_images_are_refused_by_every_entry_point(tiny_config, tiny_data):
+    """Images already in [0, 1] were divided by 255 again: evaluation scored near chance and training ran, silently."""
+    state = fresh_state(tiny_config, tiny_data)
+    scaled = {"image": tiny_data["test"]["image"][:64] / np.float32(255), "label": tiny_data["test"]["label"][:64]}
+    message = r"images must be uint8 pixels 0-255 .*got float32"
+    with pytest.raises(ValueError, match=message):
+        train.evaluate(state.apply_fn, state.variables, scaled, 32)
+    with pytest.raises(ValueError, match=message):
+        train.train_step(state, scaled)
+    with pytest.raises(ValueError, match=message):
+        ensemble.probabilities(state.apply_fn, state.variables, scaled["image"], 32)
+
+
+def test_datasets_given_are_cut_to_train_limit_and_without_validation_track_no_metric(tmp_path, tiny_config,
+                                                                                     tiny_data, caplog):
+    """config.train_limit was recorded but ignored for data given by the caller; an empty validation split with the
+    default validation_size made Orbax warn about a missing metric at every save."""
+    given = tiny_data | {"validation": {k: v[:0] for k, v in tiny_data["validation"].items()}}
+    run_config = tiny_config.replace(epochs=1, train_limit=128, batch_size=64)
+    with caplog.at_level("WARNING"):
+        state = train.train_and_evaluate(run_config, tmp_path, datasets=given)
+    assert int(state.step) == 2  # 128 images of the 512 given, batch 64
+    assert "tracked_metric" not in caplog.text
+    assert checkpoint.restore(tmp_path).epoch == 1
 
 
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, tiny_data):
