@@ -45,25 +45,37 @@ def combine(member_probabilities: np.ndarray, method: str = "mean") -> np.ndarra
     raise ValueError(f"ensemble method {method!r}: choose one of {METHODS}")
 
 
-def evaluate(members: Sequence[Member], eval_data: dict[str, np.ndarray], method: str = "mean",
-             batch_size: int = 1000, tta_shift: int | Sequence[int] = 0) -> dict[str, Any]:
+def _as_member(member: Any) -> Member:
+    if isinstance(member, tuple) and len(member) == 2:
+        return member
+    state = getattr(member, "state", member)  # a checkpoint.Restored holds its TrainState as .state
+    if hasattr(state, "apply_fn") and hasattr(state, "variables"):
+        return state.apply_fn, state.variables
+    raise TypeError(f"an ensemble member is an (apply_fn, variables) pair, a TrainState or a restored checkpoint, "
+                    f"not {type(member).__name__}")
+
+
+def evaluate(members: Sequence[Any], eval_data: dict[str, np.ndarray], method: str = "mean",
+             batch_size: int = 1000, tta_shift: int | Sequence[int] | np.ndarray = 0) -> dict[str, Any]:
     """Accuracy of the ensemble of `members` on {'image': uint8 (N, H, W, C), 'label': int (N,)}.
 
-    `tta_shift` is one for all members or one per member (e.g. each run's config.tta_shift).
+    Each member is an (apply_fn, variables) pair, a TrainState or a `checkpoint.Restored`. `tta_shift` is one for
+    all members or one per member (e.g. each run's config.tta_shift; it is not read from a Restored).
 
     Returns:
       {'accuracy': the ensemble's fraction right, 'member_accuracies': [each member's], 'count': N}.
     """
     if not members:
         raise ValueError("an ensemble needs at least one member")
-    shifts = list(tta_shift) if isinstance(tta_shift, Sequence) else [int(tta_shift)] * len(members)
+    per_member = [int(s) for s in np.ravel(tta_shift)]
+    shifts = per_member if np.ndim(tta_shift) else per_member * len(members)
     if len(shifts) != len(members):
         raise ValueError(f"{len(shifts)} tta_shift values for {len(members)} ensemble members: give one per member")
     labels = np.asarray(eval_data["label"])
     if not len(labels):
         raise ValueError("ensemble.evaluate() needs at least one example")
     stacked = np.stack([probabilities(fn, variables, eval_data["image"], batch_size, shift)
-                        for (fn, variables), shift in zip(members, shifts, strict=True)])
+                        for (fn, variables), shift in zip(map(_as_member, members), shifts, strict=True)])
     return {"accuracy": float(np.mean(combine(stacked, method) == labels)),
             "member_accuracies": [float(np.mean(p.argmax(-1) == labels)) for p in stacked], "count": len(labels)}
 

@@ -224,9 +224,11 @@ def log_probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images
 
 
 @functools.partial(jax.jit, static_argnames=("apply_fn", "tta_shift"))
-def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, mask: jax.Array,
+def eval_step(apply_fn: Callable[..., jax.Array], variables: Any, batch: Batch, mask: jax.Array | None = None,
               tta_shift: int = 0) -> metrics.Metrics:
-    """Metric sums (with the confusion matrix) for one batch; rows where `mask` (B,) bool is False are padding.
+    """Metric sums (with the confusion matrix) for one batch; rows where `mask` (B,) bool is False are padding
+    (None: every row counts). `apply_fn` is static: pass the same function each call (e.g. `state.apply_fn`), as a new
+    lambda compiles the step again.
 
     `tta_shift`: see `log_probabilities`; the loss is the cross-entropy of the averaged probabilities.
     """
@@ -298,7 +300,8 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
     """Evaluates every example of `eval_data` on the device, in batches of one compiled shape (see `_eval_slice`).
 
     Args:
-      apply_fn: `model.apply`, called as apply_fn(variables, images, train=False) -> (B, C) logits.
+      apply_fn: `model.apply`, called as apply_fn(variables, images, train=False) -> (B, C) logits; part of the
+        compiled program's key, so pass the same function each call (`state.apply_fn`), not a new lambda.
       variables: {'params': ..., other collections}; `TrainState.variables` gives it.
       eval_data: {'image': (N, H, W, C) uint8, 'label': (N,) int32}, NumPy or device arrays.
       batch_size: examples per compiled step; with a mesh, rounded up to a multiple of its device count.

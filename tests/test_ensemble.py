@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from digits_jax import ensemble, train
+from digits_jax import checkpoint, ensemble, train
 
 
 def numpy_shift(images, dy, dx):
@@ -115,3 +115,15 @@ def test_each_member_has_its_own_tta_shift(trained, tiny_data):
         ensemble.evaluate([member, member], test, tta_shift=[1])
     with pytest.raises(ValueError, match="needs at least one example"):
         ensemble.evaluate([member], {k: v[:0] for k, v in test.items()})
+
+
+def test_members_may_be_train_states_or_restored_checkpoints(trained, tiny_data):
+    """A TrainState or checkpoint.Restored given as a member failed with "cannot unpack non-iterable"."""
+    test = {k: v[:200] for k, v in tiny_data["test"].items()}
+    pair = ensemble.evaluate([(trained.apply_fn, trained.variables)], test, tta_shift=[1])
+    restored = checkpoint.Restored(state=trained, config=None, record={}, epoch=1)
+    assert ensemble.evaluate([trained, restored], test, tta_shift=np.array([1, 1]))["member_accuracies"] == (
+        pair["member_accuracies"] * 2)
+    with pytest.raises(TypeError, match=r"an \(apply_fn, variables\) pair, a TrainState or a restored checkpoint, "
+                                        r"not dict"):
+        ensemble.evaluate([{"params": trained.params}], test)

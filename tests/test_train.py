@@ -375,3 +375,13 @@ def test_each_step_draws_its_own_augmentation_and_dropout(tiny_config, tiny_data
     same = all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(now.params), jax.tree.leaves(later.params),
                                                     strict=True))
     assert same != random
+
+
+def test_eval_step_counts_every_row_without_a_mask(tiny_config, tiny_data):
+    state = fresh_state(tiny_config, tiny_data)
+    batch = {k: v[:16] for k, v in tiny_data["test"].items()}
+    unmasked = train.eval_step(state.apply_fn, state.variables, batch)
+    masked = train.eval_step(state.apply_fn, state.variables, batch, np.ones(16, bool))
+    assert int(unmasked["count"]) == 16
+    for key in masked:
+        np.testing.assert_array_equal(unmasked[key], masked[key])
