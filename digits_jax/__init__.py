@@ -5,6 +5,7 @@ from digits_jax.checkpoint import (
     CheckpointSkippedWarning,
     ModelNeededError,
     Restored,
+    RunDir,
     RunInUseError,
     best_record,
     read_records,
@@ -28,7 +29,7 @@ from digits_jax.train import (
 
 __all__ = [
     "CheckpointSkippedWarning", "Config", "DataError", "EvalResult", "ModelNeededError", "NonFiniteError", "Restored",
-    "RunInUseError", "TrainState", "best_record", "config", "create_train_state", "data", "ensemble", "epoch_order",
-    "eval_step", "evaluate", "load", "metrics", "models", "optim", "parallel", "predict", "read_records", "restore",
-    "runs", "state_digest", "train_and_evaluate", "train_epoch", "train_step",
+    "RunDir", "RunInUseError", "TrainState", "best_record", "config", "create_train_state", "data", "ensemble",
+    "epoch_order", "eval_step", "evaluate", "load", "metrics", "models", "optim", "parallel", "predict",
+    "read_records", "restore", "runs", "state_digest", "train_and_evaluate", "train_epoch", "train_step",
 ]

@@ -193,9 +193,17 @@ class RunDir:
     def save(self, state: Any, record: dict[str, Any]) -> None:
         """Appends `record` to metrics.jsonl, then checkpoints `state` as step `record['epoch']`.
 
+        `record` needs 'epoch' (>= 1, the epochs done), 'step' (optimizer steps done) and 'image_shape' ([H, W, C]),
+        which `restore` rebuilds the state from; 'validation_accuracy' makes the epoch a candidate for "best".
         In this order a crash anywhere leaves no checkpoint without its record; a record without its
         checkpoint is dropped on resume, when that epoch is trained again.
         """
+        epoch, step, shape = (record.get(key) for key in ("epoch", "step", "image_shape"))
+        if not (type(epoch) is int and epoch >= 1 and type(step) is int and step >= epoch and isinstance(shape, list)
+                and len(shape) == 3):
+            raise ValueError(f"{self.path}: a record to save needs 'epoch' (an int >= 1), 'step' (an int >= epoch) and "
+                             f"'image_shape' ([H, W, C]); got epoch={epoch!r}, step={step!r}, image_shape={shape!r}. "
+                             "train_epoch counts state.epoch; train_step alone does not")
         if self.primary:
             with open(self.path / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")

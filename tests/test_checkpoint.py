@@ -165,11 +165,13 @@ def test_the_best_checkpoint_survives_a_resume(tmp_path, tiny_config):
     with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
         run.restore_or_start(state, resume=False)
         for epoch in (1, 2, 3):
-            run.save(state, {"epoch": epoch, "validation_accuracy": accuracies[epoch]})
+            run.save(state, {"epoch": epoch, "step": epoch, "image_shape": [3, 1, 1],
+                            "validation_accuracy": accuracies[epoch]})
     with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
         run.restore_or_start(state, resume=True)
         for epoch in (4, 5):
-            run.save(state, {"epoch": epoch, "validation_accuracy": accuracies[epoch]})
+            run.save(state, {"epoch": epoch, "step": epoch, "image_shape": [3, 1, 1],
+                            "validation_accuracy": accuracies[epoch]})
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [1, 5]
 
 
@@ -191,3 +193,18 @@ def test_a_damaged_line_in_the_records_is_named(tmp_path):
         checkpoint.read_records(tmp_path)
     (tmp_path / checkpoint.METRICS).write_text('{"epoch": 1}\n{"ep')  # a last line cut short by a crash
     assert checkpoint.read_records(tmp_path) == [{"epoch": 1}]
+
+
+@pytest.mark.parametrize("record", [
+    {"epoch": 0, "step": 40, "image_shape": [28, 28, 1]},  # train_step alone leaves state.epoch at 0
+    {"epoch": 1, "step": 8},
+    {"epoch": 1.0, "step": 8, "image_shape": [28, 28, 1]},
+])
+def test_a_record_restore_could_not_read_back_is_refused_before_saving(tmp_path, tiny_config, record):
+    """restore() rebuilt the state from such records with a bare ZeroDivisionError or KeyError."""
+    state = {"w": jax.numpy.zeros(3)}
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1, track_best=False) as run:
+        run.restore_or_start(state, resume=False)
+        with pytest.raises(ValueError, match=r"a record to save needs 'epoch' \(an int >= 1\), 'step' .*'image_shape'"):
+            run.save(state, record)
+    assert checkpoint.latest_epoch(tmp_path) is None and checkpoint.read_records(tmp_path) == []

@@ -15,7 +15,7 @@ def readme_snippets() -> list[str]:
 
 def test_readme_snippets_run(tmp_path, mnist_dir):
     snippets = readme_snippets()
-    assert len(snippets) == 5
+    assert len(snippets) == 6
     script = "\n".join(f"print('--- snippet {i}')\n{code}" for i, code in enumerate(snippets, 1))
     # Two devices, not the suite's eight: enough for the multi-device snippet, and with eight this process once
     # aborted in a training all-reduce that 7 of 8 device threads had joined (XLA:CPU's 40 s rendezvous timeout)
@@ -25,4 +25,5 @@ def test_readme_snippets_run(tmp_path, mnist_dir):
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300, env=env)
     assert result.returncode == 0, f"README snippet failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
-    assert "--- snippet 5" in result.stdout and "devices 2 test accuracy" in result.stdout
+    assert "--- snippet 6" in result.stdout and "devices 2 test accuracy" in result.stdout
+    assert "restored epoch 3" in result.stdout
