@@ -125,8 +125,8 @@ class RunDir:
         except OSError as e:
             raise OSError(f"cannot write to run directory {self.path}: {e.strerror}; choose another --workdir") from e
         # track_best: whether records carry a validation accuracy (None: whether the config holds images out).
-        track_best = config.validation_size > 0 if track_best is None else track_best
-        self.manager = _manager(self.path / CHECKPOINTS, keep, track_best=track_best)
+        self.track_best = config.validation_size > 0 if track_best is None else track_best
+        self.manager = _manager(self.path / CHECKPOINTS, keep, track_best=self.track_best)
 
     def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None,
                          custom_model: str | None = None) -> Any:
@@ -194,7 +194,8 @@ class RunDir:
         """Appends `record` to metrics.jsonl, then checkpoints `state` as step `record['epoch']`.
 
         `record` needs 'epoch' (>= 1, the epochs done), 'step' (optimizer steps done) and 'image_shape' ([H, W, C]),
-        which `restore` rebuilds the state from; 'validation_accuracy' makes the epoch a candidate for "best".
+        which `restore` rebuilds the state from; 'validation_accuracy' makes the epoch a candidate for "best" (only
+        with track_best, without which Orbax would not keep the best checkpoint past the latest `keep`).
         In this order a crash anywhere leaves no checkpoint without its record; a record without its
         checkpoint is dropped on resume, when that epoch is trained again.
         """
@@ -204,6 +205,9 @@ class RunDir:
             raise ValueError(f"{self.path}: a record to save needs 'epoch' (an int >= 1), 'step' (an int >= epoch) and "
                              f"'image_shape' ([H, W, C]); got epoch={epoch!r}, step={step!r}, image_shape={shape!r}. "
                              "train_epoch counts state.epoch; train_step alone does not")
+        if BEST_METRIC in record and not self.track_best:
+            raise ValueError(f"{self.path}: the record has {BEST_METRIC!r} but this RunDir was made with "
+                             "track_best=False, so the best checkpoint would not be kept: make it with track_best=True")
         if self.primary:
             with open(self.path / METRICS, "a") as f:
                 f.write(json.dumps(record) + "\n")

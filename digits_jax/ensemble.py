@@ -46,8 +46,8 @@ def combine(member_probabilities: np.ndarray, method: str = "mean") -> np.ndarra
 
 
 def _as_member(member: Any) -> Member:
-    if isinstance(member, tuple) and len(member) == 2:
-        return member
+    if isinstance(member, tuple | list) and len(member) == 2:
+        return member[0], member[1]
     state = getattr(member, "state", member)  # a checkpoint.Restored holds its TrainState as .state
     if hasattr(state, "apply_fn") and hasattr(state, "variables"):
         return state.apply_fn, state.variables

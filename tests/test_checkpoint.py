@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import flax.linen as nn
 import jax
@@ -114,8 +115,11 @@ def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tin
                                                           r"\(tests.test_checkpoint.TinyMLP\), not the registered "
                                                           r"model 'seed'"):
         checkpoint.restore(workdir)
-    restored = checkpoint.restore(workdir, model=TinyMLP())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        restored = checkpoint.restore(workdir, model=TinyMLP())
     assert restored.epoch == 1
+    assert not [w for w in caught if "restoring it into" in str(w.message)]  # the module it was trained with
     with pytest.warns(UserWarning, match=r"trained with tests.test_checkpoint.TinyMLP; restoring it into "
                                          r"tests.test_checkpoint.OtherMLP"):
         checkpoint.restore(workdir, model=OtherMLP())  # the same parameter tree: it would restore silently
@@ -208,3 +212,13 @@ def test_a_record_restore_could_not_read_back_is_refused_before_saving(tmp_path,
         with pytest.raises(ValueError, match=r"a record to save needs 'epoch' \(an int >= 1\), 'step' .*'image_shape'"):
             run.save(state, record)
     assert checkpoint.latest_epoch(tmp_path) is None and checkpoint.read_records(tmp_path) == []
+
+
+def test_a_validation_accuracy_without_track_best_is_refused(tmp_path, tiny_config):
+    """Orbax would keep only the latest checkpoints: the best one named by the records would be deleted unseen."""
+    state = {"w": jax.numpy.zeros(3)}
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1, track_best=False) as run:
+        run.restore_or_start(state, resume=False)
+        with pytest.raises(ValueError, match=r"has 'validation_accuracy' but this RunDir was made with "
+                                             r"track_best=False.*make it with track_best=True"):
+            run.save(state, {"epoch": 1, "step": 1, "image_shape": [3, 1, 1], "validation_accuracy": 0.9})

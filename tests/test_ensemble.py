@@ -122,8 +122,9 @@ def test_members_may_be_train_states_or_restored_checkpoints(trained, tiny_data)
     test = {k: v[:200] for k, v in tiny_data["test"].items()}
     pair = ensemble.evaluate([(trained.apply_fn, trained.variables)], test, tta_shift=[1])
     restored = checkpoint.Restored(state=trained, config=None, record={}, epoch=1)
-    assert ensemble.evaluate([trained, restored], test, tta_shift=np.array([1, 1]))["member_accuracies"] == (
-        pair["member_accuracies"] * 2)
+    as_list = [trained.apply_fn, trained.variables]
+    assert ensemble.evaluate([trained, restored, as_list], test, tta_shift=np.array([1, 1, 1]))[
+        "member_accuracies"] == pair["member_accuracies"] * 3
     with pytest.raises(TypeError, match=r"an \(apply_fn, variables\) pair, a TrainState or a restored checkpoint, "
                                         r"not dict"):
         ensemble.evaluate([{"params": trained.params}], test)

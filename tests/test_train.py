@@ -199,7 +199,7 @@ def test_preprocess_scales_uint8_to_unit_interval():
     assert out.dtype == jnp.float32
 
 
-def test_float_images_are_refused_by_every_entry_point(tiny_config, tiny_data):
+def test_float_images_are_refused_by_evaluate_train_step_and_ensembles(tiny_config, tiny_data):
     """Images already in [0, 1] were divided by 255 again: evaluation scored near chance and training ran, silently."""
     state = fresh_state(tiny_config, tiny_data)
     scaled = {"image": tiny_data["test"]["image"][:64] / np.float32(255), "label": tiny_data["test"]["label"][:64]}
