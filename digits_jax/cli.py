@@ -21,13 +21,16 @@ from digits_jax.train import NonFiniteError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from digits_jax import train
+    from digits_jax import checkpoint, train
 
     config = config_lib.get(args.config)
     if args.data_dir:
         config = config.replace(data_dir=args.data_dir)
     config = config.with_overrides(args.set)
     workdir = args.workdir or f"runs/{config.name}"
+    if args.resume and checkpoint.latest_epoch(workdir) is None:  # a mistyped --workdir would retrain silently
+        print(f"digits-jax train: nothing to resume in {workdir} (no checkpoint there): starting a new run",
+              file=sys.stderr)
     train.train_and_evaluate(config, workdir, resume=args.resume)
     return 0
 
@@ -245,12 +248,17 @@ def _use_compilation_cache() -> None:
 
 def reporting_errors(prog: str, run: Callable[[], int | None]) -> int:
     """Calls `run()` and returns its exit code (None: 0); bad input or state (ValueError, OSError, a run in use,
-    NaN in training) is one line `PROG: error: MESSAGE` on stderr and exit code 1, not a traceback."""
+    NaN in training) is one line `PROG: error: MESSAGE` on stderr and exit code 1, not a traceback; Ctrl-C is one
+    line and exit code 130."""
     try:
         return run() or 0
     except (ValueError, OSError, RunInUseError, NonFiniteError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted; the checkpoints of finished epochs are kept (continue a training run with "
+              "--resume)", file=sys.stderr)
+        return 130
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -161,7 +161,7 @@ def fast_to_99(seed: int, compilation_cache: str) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="compiled epochs to time; the first is warm-up")
     parser.add_argument("--fast-seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"))

@@ -105,7 +105,7 @@ def pairs_summary(pairs: list[dict[str, float]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--pairs", type=int, default=0, help="N > 0: only ours and Keras, alternately, N times")
     parser.add_argument("--epochs", type=int, default=3)

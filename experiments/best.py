@@ -56,7 +56,7 @@ def train_blind(run_config: config.Config, workdir: str, splits: data.Splits) ->
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default=None,
                         help="run directory (default runs/best-{MODEL}[-full][-KEY=VALUE...]-seed{SEED}; -full: "
                         "validation_size=0; -KEY=VALUE: each other field --set changes)")

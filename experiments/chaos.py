@@ -118,7 +118,7 @@ def damage_and_recover(finished: Path, kind: str, workdir: Path) -> tuple[bool, 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--damage", nargs="*", default=list(DAMAGE), choices=list(DAMAGE))
     parser.add_argument("--seed", type=int, default=0)

@@ -25,7 +25,7 @@ from digits_jax import cli, config, data, ensemble, models
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["bn"], choices=sorted(models.MODELS))
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of each model")
     parser.add_argument("--method", default="mean", choices=ensemble.METHODS)

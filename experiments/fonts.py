@@ -62,7 +62,7 @@ def save_grid(path: str, images: np.ndarray, titles: list[str]) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="runs/default", help="run directory or checkpoints/N")
     parser.add_argument("--per-digit", type=int, default=3, help="draws per digit, font and background")
     parser.add_argument("--seed", type=int, default=0)

@@ -102,7 +102,7 @@ def summarise(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, help="epochs of every rung but the seed recipe (10); default 15")
     parser.add_argument("--tiny", action="store_true",

@@ -63,7 +63,7 @@ def trace_events(trace_dir: Path) -> list[dict]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="seed", choices=sorted(config_lib.PRESETS))
     parser.add_argument("--data-dir", help="MNIST as IDX files (default: the config's source)")
     parser.add_argument("--steps", type=int, default=100, help="training steps per traced run")

@@ -15,7 +15,7 @@ from digits_jax import checkpoint, cli, config, train
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workdir", default="runs/seed")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()

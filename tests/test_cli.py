@@ -195,3 +195,27 @@ def test_bad_override_is_a_one_line_error():
     result = digits_jax("train", "--set", "batch_size=0", check=False)
     assert result.returncode == 1
     assert result.stderr.strip() == "digits-jax train: error: config.batch_size = 0: must be an integer >= 1"
+
+
+def test_ctrl_c_is_one_line_and_exit_code_130(capsys):
+    def interrupted():
+        raise KeyboardInterrupt
+
+    from digits_jax import cli
+
+    assert cli.reporting_errors("digits-jax train", interrupted) == 130
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "digits-jax train: interrupted; the checkpoints of finished epochs are kept" in err
+
+
+def test_resume_of_a_directory_without_checkpoints_says_it_starts_anew(tmp_path, mnist_dir, capsys):
+    """A mistyped --workdir with --resume retrained from scratch without a word (`best` for 13-23 minutes)."""
+    from digits_jax import cli
+
+    workdir = tmp_path / "typo"
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
+                     "--resume", "--set", "epochs=1"]) == 0
+    assert f"nothing to resume in {workdir} (no checkpoint there): starting a new run" in capsys.readouterr().err
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
+                     "--resume", "--set", "epochs=1"]) == 0  # finished: resuming has nothing to train
+    assert "nothing to resume" not in capsys.readouterr().err

@@ -167,3 +167,16 @@ def test_scripts_report_bad_input_in_one_line_as_the_cli_does(script):
     result = run_script(script, "--set", "epochs=abc")
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert result.stderr.startswith(f"{script}: error: --set epochs=abc: cannot parse 'abc' as int")
+
+
+@pytest.mark.parametrize("name", ["best", "ensemble", "ladder", "bench", "bench_peers", "seed", "chaos", "fonts",
+                                  "profile_step"])
+def test_help_describes_the_script_in_whole_sentences(name, monkeypatch, capsys):
+    """--help showed the docstring's first line only, cut mid-sentence ("...trains it (or finishes ... and")."""
+    module = experiment(name)
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        module.main()
+    assert exit_info.value.code == 0
+    summary = "".join(module.__doc__.split("\n\n")[0].split())  # argparse rewraps it, also at hyphens
+    assert summary.endswith(".") and summary in "".join(capsys.readouterr().out.split())
