@@ -166,6 +166,13 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"digits-jax: warning: {message}", file=sys.stderr)
 
 
+def _drop_closed_loop_callbacks(unraisable: sys.UnraisableHookArgs) -> None:
+    # After a failed checkpoint read, TensorStore's pending callbacks reach Orbax's closed event loop, each printing a
+    # traceback of "Event loop is closed" (up to ~1,000 lines) after the one line that says what happened.
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        sys.__unraisablehook__(unraisable)
+
+
 DATASET_HELP = ("what --data-dir holds (default: the run's dataset); any name but mnist, e.g. custom, reads IDX "
                 "files without the MNIST checksums")
 
@@ -268,6 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     # Orbax and tensorflow-datasets log routine notes as absl warnings; users need only our lines.
     absl_logging.set_verbosity(absl_logging.ERROR)
     warnings.showwarning = _show_warning
+    sys.unraisablehook = _drop_closed_loop_callbacks
     return reporting_errors(f"digits-jax {args.command}", lambda: args.run(args))
 
 

@@ -222,3 +222,22 @@ def test_a_validation_accuracy_without_track_best_is_refused(tmp_path, tiny_conf
         with pytest.raises(ValueError, match=r"has 'validation_accuracy' but this RunDir was made with "
                                              r"track_best=False.*make it with track_best=True"):
             run.save(state, {"epoch": 1, "step": 1, "image_shape": [3, 1, 1], "validation_accuracy": 0.9})
+
+
+def test_a_damaged_epoch_asked_for_by_number_names_the_intact_ones(finished_run, tmp_path):
+    """The error said "no intact checkpoint ... train again" while epoch 2 was intact, after a warning that ended in a
+    dump of TensorStore's whole spec."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    largest = max((p for p in (workdir / "checkpoints" / "1" / "state").rglob("*") if p.is_file()),
+                  key=lambda p: p.stat().st_size)
+    data = bytearray(largest.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 4000] = bytes(4000)
+    largest.write_bytes(bytes(data))
+    refused = pytest.raises(FileNotFoundError, match=r"the checkpoint of epoch 1 in .* is damaged; epochs \[2\] are "
+                                                     r"there: give --step with one of them, 'latest' or 'best'")
+    with pytest.warns(checkpoint.CheckpointSkippedWarning, match="skipping damaged checkpoint") as caught, refused:
+        checkpoint.restore(workdir, step=1)
+    assert not any("TensorStore details" in str(w.message) for w in caught)
+    assert checkpoint.restore(workdir, step=2).epoch == 2

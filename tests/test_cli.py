@@ -219,3 +219,21 @@ def test_resume_of_a_directory_without_checkpoints_says_it_starts_anew(tmp_path,
     assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
                      "--resume", "--set", "epochs=1"]) == 0  # finished: resuming has nothing to train
     assert "nothing to resume" not in capsys.readouterr().err
+
+
+def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys, monkeypatch):
+    """TensorStore's callbacks into Orbax's closed loop printed up to ~1,000 lines of tracebacks after the error."""
+    from digits_jax import cli
+
+    class RaisesWhenCollected:
+        def __init__(self, error):
+            self.error = error
+
+        def __del__(self):
+            raise self.error
+
+    monkeypatch.setattr(sys, "unraisablehook", cli._drop_closed_loop_callbacks)
+    RaisesWhenCollected(RuntimeError("Event loop is closed"))
+    assert capsys.readouterr().err == ""
+    RaisesWhenCollected(RuntimeError("something else"))
+    assert "something else" in capsys.readouterr().err
