@@ -224,7 +224,8 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
     except DataError:
         raise
     except Exception as error:
-        detail = f"{type(error).__name__}: {error}"
+        # Only the first line: for an unknown name tfds appends every dataset it knows (~260 lines).
+        detail = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
         if _missing_tensorflow(error):
             raise DataError(f"tensorflow-datasets could not prepare {name!r}: its download and preparation code "
                             f"needs TensorFlow, which digits_jax does not install ({detail}); install tensorflow, or "

@@ -562,3 +562,12 @@ def test_configs_with_the_same_load_key_get_the_same_splits(tiny_config):
         for key in ("image", "label"):
             np.testing.assert_array_equal(first[split][key], second[split][key])
     assert data.load_key(tiny_config.replace(validation_size=64)) != data.load_key(tiny_config)
+
+
+def test_an_unknown_tensorflow_datasets_name_is_one_short_line():
+    """tfds's error lists every dataset it knows: ~260 lines for `--set dataset=custom` without --data-dir."""
+    with pytest.raises(data.DataError, match=r"'no_such_dataset_xyz' \(DatasetNotFoundError: Dataset "
+                                             r"no_such_dataset_xyz not found\.\); without network access, give "
+                                             r"--data-dir") as info:
+        data.load_tfds("no_such_dataset_xyz")
+    assert "\n" not in str(info.value) and len(str(info.value)) < 600
