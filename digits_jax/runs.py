@@ -18,21 +18,16 @@ CONFIG_COLUMNS = ("name", "model", "optimizer", "learning_rate", "schedule", "ba
 
 def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
     """One row per run directory that has a config.json: key config fields (NaN where the config or a record lacks one),
-    final and best-by-validation accuracy (percent), epochs done and training seconds. Directories without a
-    config are skipped; paths that do not exist and runs whose files cannot be read are skipped with a warning,
-    so that one damaged directory does not hide the others."""
+    final and best-by-validation accuracy (percent), epochs done and training seconds. A directory without a config
+    stands for the runs directly inside it (`runs/` for every run there); paths that do not exist or are not
+    directories and runs whose files cannot be read are skipped with a warning, so that one damaged directory does
+    not hide the others."""
     import pandas as pd  # here, not at the top: it would add 0.2 s to the start of every training process
 
     rows = []
-    for workdir in map(Path, workdirs):
-        config_path = workdir / "config.json"
-        if not workdir.exists():
-            warnings.warn(f"skipping {workdir}: no such file or directory", stacklevel=2)
-            continue
-        if not config_path.exists():
-            continue
+    for workdir in _run_dirs(map(Path, workdirs)):
         try:
-            config = _read_config(config_path)
+            config = _read_config(workdir / "config.json")
             records = read_records(workdir)
         except (OSError, ValueError) as error:  # each names its file
             warnings.warn(f"skipping {workdir}: {error}", stacklevel=2)
@@ -49,6 +44,17 @@ def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
                     "img_per_s": final.get("images_per_second", nan)}
         rows.append(row)
     return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+
+
+def _run_dirs(paths: Iterable[Path]) -> Iterable[Path]:
+    for path in paths:
+        if not path.is_dir():
+            what = "not a directory" if path.exists() else "no such file or directory"
+            warnings.warn(f"skipping {path}: {what}", stacklevel=3)
+        elif (path / "config.json").exists():
+            yield path
+        else:  # a folder of runs, e.g. runs/
+            yield from sorted(p for p in path.iterdir() if (p / "config.json").exists())
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -237,3 +237,19 @@ def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys,
     assert capsys.readouterr().err == ""
     RaisesWhenCollected(RuntimeError("something else"))
     assert "something else" in capsys.readouterr().err
+
+
+def test_runs_table_of_a_folder_of_runs_lists_the_runs_inside(tmp_path):
+    """`digits-jax runs runs/` found "no runs" and exited 0: only runs/* named each run."""
+    from digits_jax import runs
+
+    for name in ("b", "a"):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "config.json").write_text(json.dumps({"name": name, "seed": 0}))
+        (tmp_path / "runs" / name / "metrics.jsonl").write_text("")
+    (tmp_path / "runs" / "notes").mkdir()  # not a run: skipped
+    (tmp_path / "afile").write_text("")
+    with pytest.warns(UserWarning, match=f"skipping {tmp_path / 'afile'}: not a directory"):
+        table = runs.table([tmp_path / "runs", tmp_path / "afile"])
+    assert list(table.index) == [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")]
+    assert list(table["name"]) == ["a", "b"]
