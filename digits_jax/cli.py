@@ -220,7 +220,8 @@ def parser() -> argparse.ArgumentParser:
     rp.add_argument("--dataset", help=DATASET_HELP)
     rp.set_defaults(run=_report)
 
-    r = sub.add_parser("runs", help="print a table comparing run directories (a folder of runs, e.g. runs/, stands for those inside)")
+    r = sub.add_parser("runs", help="print a table comparing run directories (a folder of runs, e.g. runs/, stands "
+                       "for those inside)")
     r.add_argument("workdirs", nargs="+", type=Path)
     r.set_defaults(run=_runs)
 
