@@ -40,6 +40,8 @@ def _eval(args: argparse.Namespace) -> int:
 
     if len(args.checkpoint) > 1:
         return _eval_ensemble(args)
+    if args.method is not None:
+        raise ValueError(f"--method {args.method} combines several --checkpoint; one was given")
     path = args.checkpoint[0]
     restored = checkpoint.restore(path, step=args.step)
     config = data.with_source(restored.config, args.data_dir, args.dataset)
@@ -74,6 +76,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _eval_ensemble(args: argparse.Namespace) -> int:
     from digits_jax import checkpoint, data, ensemble
 
+    method = args.method or "mean"
     restored = [checkpoint.restore(path, step=args.step) for path in args.checkpoint]
     configs = [data.with_source(r.config, args.data_dir, args.dataset) for r in restored]
     loaded: dict[tuple[object, ...], dict[str, np.ndarray]] = {}  # each distinct data config read once
@@ -91,14 +94,14 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
             hint = "" if args.split == "test" else ", or evaluate --split test"
             raise ValueError(f"{path}: its {args.split} split differs from {args.checkpoint[0]}'s (the runs' data "
                              f"configs differ): ensemble runs that share the split{hint}")
-    result = ensemble.evaluate([(r.state.apply_fn, r.state.variables) for r in restored], splits[0], args.method,
+    result = ensemble.evaluate([(r.state.apply_fn, r.state.variables) for r in restored], splits[0], method,
                                configs[0].eval_batch_size, [c.tta_shift for c in configs])
     report = {"checkpoints": [str(p) for p in args.checkpoint], "epochs": [r.epoch for r in restored],
-              "split": args.split, "method": args.method, **result}
+              "split": args.split, "method": method, **result}
     if args.json:
         print(json.dumps(report, allow_nan=False))
         return 0
-    print(f"ensemble of {len(restored)} checkpoints ({args.method}): {args.split} accuracy "
+    print(f"ensemble of {len(restored)} checkpoints ({method}): {args.split} accuracy "
           f"{100 * result['accuracy']:.2f}% on {result['count']} images")
     for path, r, accuracy in zip(args.checkpoint, restored, result["member_accuracies"], strict=True):
         print(f"  {path}, epoch {r.epoch}: {100 * accuracy:.2f}%")
@@ -142,7 +145,7 @@ def _runs(args: argparse.Namespace) -> int:
     from digits_jax import runs
 
     table = runs.table(args.workdirs)
-    print(table.to_string() if len(table) else "no runs found")
+    print(table.round(2).to_string() if len(table) else "no runs found")
     return 0
 
 
@@ -195,7 +198,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--checkpoint", required=True, type=Path, action="append",
                    help="run directory or checkpoints/N directory; repeat it to evaluate an ensemble (its JSON "
                    "has checkpoints, epochs and member_accuracies instead of one run's loss and confusion)")
-    e.add_argument("--method", default="mean", choices=METHODS,
+    e.add_argument("--method", choices=METHODS,
                    help="with several --checkpoint: average the members' probabilities, or vote (default: mean)")
     e.add_argument("--step", default="best", type=_step,
                    help="epoch to restore (of each checkpoint), 'best' (by validation; without it the newest) or "

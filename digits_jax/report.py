@@ -35,6 +35,10 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     """
     run_dir = Path(run_dir)
     out = Path(out) if out is not None else run_dir / "report"
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run directory; give one that `digits-jax train` wrote")
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {out} is a file: give a directory to write the report into")
     records = checkpoint.read_records(run_dir)
     if not records:
         raise ValueError(f"{run_dir / checkpoint.METRICS}: no epoch records; give a run directory that "

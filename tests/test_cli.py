@@ -253,3 +253,25 @@ def test_runs_table_of_a_folder_of_runs_lists_the_runs_inside(tmp_path):
         table = runs.table([tmp_path / "runs", tmp_path / "afile"])
     assert list(table.index) == [str(tmp_path / "runs" / "a"), str(tmp_path / "runs" / "b")]
     assert list(table["name"]) == ["a", "b"]
+
+
+def test_eval_report_and_runs_answer_surprising_input_plainly(cli_run, tmp_path, capsys):
+    """--method with one checkpoint was ignored; report on a missing directory blamed its metrics.jsonl and --out
+    naming a file gave a bare "[Errno 17]"; runs printed 98.76543209876543."""
+    from digits_jax import cli
+
+    workdir, _ = cli_run
+    assert cli.main(["eval", "--checkpoint", str(workdir), "--method", "vote"]) == 1
+    assert "--method vote combines several --checkpoint; one was given" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "nosuch")]) == 1
+    assert f"{tmp_path / 'nosuch'}: no such run directory" in capsys.readouterr().err
+    (tmp_path / "afile").write_text("")
+    assert cli.main(["report", str(workdir), "--out", str(tmp_path / "afile")]) == 1
+    assert f"--out {tmp_path / 'afile'} is a file: give a directory" in capsys.readouterr().err
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"name": "x"}))
+    (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": 80 / 81}) + "\n")
+    assert cli.main(["runs", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "98.77" in out and "98.765" not in out
