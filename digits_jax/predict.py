@@ -52,7 +52,11 @@ def load_image(path: str | Path) -> np.ndarray:
         raise ValueError(f"{path}: permission denied; make the file readable (chmod) or copy it somewhere "
                          "readable") from None
     except UnidentifiedImageError:
+        if Path(path).stat().st_size == 0:
+            raise ValueError(f"{path}: the file is empty (0 bytes); save the image again") from None
         raise ValueError(f"{path}: not an image that Pillow can decode; give a PNG or JPEG file") from None
+    except Image.DecompressionBombError as error:  # Pillow refuses such sizes: a decoded image would fill memory
+        raise ValueError(f"{path}: too large to read ({error}); scale it down, e.g. to a few hundred pixels") from None
     except UnknownScaleError as error:
         raise ValueError(f"{path}: {error}") from None
     except Exception as error:  # OSError mostly, but damaged files also make Pillow raise TypeError, ValueError...

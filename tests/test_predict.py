@@ -128,9 +128,19 @@ def test_load_image_names_the_file_and_the_problem(tmp_path):
     assert load_image(tmp_path / "one.png").shape == (CANVAS, CANVAS)
     (tmp_path / "cut.png").write_bytes((tmp_path / "one.png").read_bytes()[:200])
     (tmp_path / "text.png").write_text("not an image")
-    for name, problem in (("missing.png", "no such file"), ("text.png", "not an image"), ("cut.png", "cannot decode")):
+    (tmp_path / "empty.png").write_bytes(b"")
+    for name, problem in (("missing.png", "no such file"), ("text.png", "not an image"), ("cut.png", "cannot decode"),
+                          ("empty.png", r"the file is empty \(0 bytes\)")):
         with pytest.raises(ValueError, match=f"{tmp_path / name}: {problem}"):
             load_image(tmp_path / name)
+
+
+def test_an_image_too_large_to_decode_says_so(tmp_path, monkeypatch):
+    """Pillow's decompression-bomb refusal was reported as "it may be damaged or cut short"."""
+    Image.fromarray(np.zeros((40, 40), np.uint8)).save(tmp_path / "big.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 1,600 pixels: over twice the limit, refused
+    with pytest.raises(ValueError, match=f"{tmp_path / 'big.png'}: too large to read .*; scale it down"):
+        load_image(tmp_path / "big.png")
 
 
 def test_float_and_32_bit_integer_files_read_on_their_own_scale(tmp_path):
