@@ -203,6 +203,13 @@ def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
     return padded[:, abs(dy) - dy:abs(dy) - dy + h, abs(dx) - dx:abs(dx) - dx + w]
 
 
+def _check_tta_shift(tta_shift: int, size: tuple[int, ...]) -> None:
+    """Raises ValueError when a shift of `tta_shift` pixels would leave images of `size` (H, W) blank."""
+    if tta_shift >= min(size):
+        raise ValueError(f"tta_shift = {tta_shift}: images of {size[0]}x{size[1]} pixels shifted so far are blank; "
+                         "use a shift of a pixel or two")
+
+
 def log_probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images: jax.Array,
                       tta_shift: int = 0) -> jax.Array:
     """(B, C) float32 log class probabilities of float (B, H, W, C) images, in inference mode.
@@ -212,9 +219,7 @@ def log_probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images
     """
     if not tta_shift:
         return jax.nn.log_softmax(apply_fn(variables, images, train=False))
-    if tta_shift >= min(images.shape[1:3]):
-        raise ValueError(f"tta_shift = {tta_shift}: images of {images.shape[1]}x{images.shape[2]} pixels shifted so "
-                         "far are blank; use a shift of a pixel or two")
+    _check_tta_shift(tta_shift, images.shape[1:3])
     s = tta_shift
     views = [images] + [translate(images, dy, dx) for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s))]
     log_p = jax.nn.log_softmax(apply_fn(variables, jnp.concatenate(views), train=False))
@@ -414,6 +419,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     if steps_per_epoch == 0:
         raise ValueError(f"config.batch_size ({config.batch_size}) is larger than the training split "
                          f"({len(train['label'])} images): lower it or use more data")
+    _check_tta_shift(config.tta_shift, train["image"].shape[1:3])  # before the run directory is made
     registered = models.create(config.model, config.num_classes)
     model = model if model is not None else registered
     # A module other than config.model's is recorded, so that restoring the run asks for it.

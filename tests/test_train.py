@@ -188,6 +188,13 @@ def test_resume_with_a_different_config_is_refused(tmp_path, tiny_config, tiny_d
                                  datasets=tiny_data)
 
 
+def test_a_tta_shift_as_large_as_the_images_is_refused_before_the_run_directory_is_made(tmp_path, tiny_config,
+                                                                                        tiny_data):
+    with pytest.raises(ValueError, match=r"tta_shift = 28: images of 28x28 pixels shifted so far are blank"):
+        train.train_and_evaluate(tiny_config.replace(tta_shift=28), tmp_path / "run", datasets=tiny_data)
+    assert not (tmp_path / "run").exists()
+
+
 def test_batch_larger_than_training_split_is_an_error(tmp_path, tiny_config, tiny_data):
     with pytest.raises(ValueError, match=r"batch_size \(4096\) is larger than the training split"):
         train.train_and_evaluate(tiny_config.replace(batch_size=4096), tmp_path, datasets=tiny_data)
