@@ -416,7 +416,8 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
     others = sorted(set(manager.all_steps()) - set(steps))
     if others:  # an epoch asked for by number is damaged, others are there
         raise FileNotFoundError(f"the checkpoint of epoch {steps[0]} in {directory} is damaged; epochs {others} are "
-                                "there: give --step with one of them, 'latest' or 'best' (from Python: step=)")
+                                "there: give the run directory with --step one of them, 'latest' or 'best' (from "
+                                "Python: step=)")
     raise FileNotFoundError(f"no intact checkpoint in {directory} (tried epochs {list(steps)}): move that directory "
                             "aside and train again in a new --workdir (from Python: if they are intact, check that "
                             "model= and tx= match the ones that were trained)")
@@ -424,7 +425,8 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
 
 def _warn_skipped(where: Path, error: Exception) -> None:
     # TensorStore's messages end in a dump of the store's whole spec.
-    reason = str(error).splitlines()[0].split(" See full TensorStore details")[0][:300] or type(error).__name__
+    first_line = (str(error).splitlines() or [""])[0]
+    reason = first_line.split(" See full TensorStore details")[0][:300] or type(error).__name__
     warnings.warn(f"skipping damaged checkpoint {where}: {reason}", CheckpointSkippedWarning, stacklevel=4)
 
 

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import numpy as np
 from absl import logging as absl_logging
@@ -145,7 +146,8 @@ def _runs(args: argparse.Namespace) -> int:
     from digits_jax import runs
 
     table = runs.table(args.workdirs)
-    print(table.round(2).to_string() if len(table) else "no runs found")
+    measured = [c for c in table.columns if c.endswith("_%") or c in ("train_s", "img_per_s")]  # not learning_rate
+    print(table.round({c: 2 for c in measured}).to_string() if len(table) else "no runs found")
     return 0
 
 
@@ -169,11 +171,12 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"digits-jax: warning: {message}", file=sys.stderr)
 
 
-def _drop_closed_loop_callbacks(unraisable: sys.UnraisableHookArgs) -> None:
+def _drop_closed_loop_callbacks(previous: Callable[[sys.UnraisableHookArgs], Any],
+                                unraisable: sys.UnraisableHookArgs) -> None:
     # After a failed checkpoint read, TensorStore's pending callbacks reach Orbax's closed event loop, each printing a
     # traceback of "Event loop is closed" (up to ~1,000 lines) after the one line that says what happened.
     if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-        sys.__unraisablehook__(unraisable)
+        previous(unraisable)
 
 
 DATASET_HELP = ("what --data-dir holds (default: the run's dataset); any name but mnist, e.g. custom, reads IDX "
@@ -257,18 +260,17 @@ def _use_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
-def reporting_errors(prog: str, run: Callable[[], int | None]) -> int:
+def reporting_errors(prog: str, run: Callable[[], int | None], interrupted: str = "") -> int:
     """Calls `run()` and returns its exit code (None: 0); bad input or state (ValueError, OSError, a run in use,
     NaN in training) is one line `PROG: error: MESSAGE` on stderr and exit code 1, not a traceback; Ctrl-C is one
-    line and exit code 130."""
+    line `PROG: interrupted` with `interrupted` (what to do next) after it, and exit code 130."""
     try:
         return run() or 0
     except (ValueError, OSError, RunInUseError, NonFiniteError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted; the checkpoints of finished epochs are kept (continue a training run with "
-              "--resume)", file=sys.stderr)
+        print(f"{prog}: interrupted{interrupted}", file=sys.stderr)
         return 130
 
 
@@ -279,8 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     # Orbax and tensorflow-datasets log routine notes as absl warnings; users need only our lines.
     absl_logging.set_verbosity(absl_logging.ERROR)
     warnings.showwarning = _show_warning
-    sys.unraisablehook = _drop_closed_loop_callbacks
-    return reporting_errors(f"digits-jax {args.command}", lambda: args.run(args))
+    sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, sys.unraisablehook)
+    resume = "; the checkpoints of finished epochs are kept: rerun with --resume to continue"
+    return reporting_errors(f"digits-jax {args.command}", lambda: args.run(args),
+                            resume if args.command == "train" else "")
 
 
 if __name__ == "__main__":

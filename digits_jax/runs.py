@@ -47,14 +47,18 @@ def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
 
 
 def _run_dirs(paths: Iterable[Path]) -> Iterable[Path]:
+    seen: set[Path] = set()  # a run named twice, or inside a folder also named, is one row
     for path in paths:
         if not path.is_dir():
             what = "not a directory" if path.exists() else "no such file or directory"
             warnings.warn(f"skipping {path}: {what}", stacklevel=3)
-        elif (path / "config.json").exists():
-            yield path
-        else:  # a folder of runs, e.g. runs/
-            yield from sorted(p for p in path.iterdir() if (p / "config.json").exists())
+            continue
+        inside = [path] if (path / "config.json").exists() else sorted(  # else a folder of runs, e.g. runs/
+            p for p in path.iterdir() if (p / "config.json").exists())
+        for run in inside:
+            if run.resolve() not in seen:
+                seen.add(run.resolve())
+                yield run
 
 
 def _read_config(path: Path) -> dict[str, Any]:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import shutil
 import warnings
+from pathlib import Path
 
 import flax.linen as nn
 import jax
@@ -236,8 +237,16 @@ def test_a_damaged_epoch_asked_for_by_number_names_the_intact_ones(finished_run,
     data[middle:middle + 4000] = bytes(4000)
     largest.write_bytes(bytes(data))
     refused = pytest.raises(FileNotFoundError, match=r"the checkpoint of epoch 1 in .* is damaged; epochs \[2\] are "
-                                                     r"there: give --step with one of them, 'latest' or 'best'")
+                                                     r"there: give the run directory with --step one of them")
     with pytest.warns(checkpoint.CheckpointSkippedWarning, match="skipping damaged checkpoint") as caught, refused:
         checkpoint.restore(workdir, step=1)
     assert not any("TensorStore details" in str(w.message) for w in caught)
     assert checkpoint.restore(workdir, step=2).epoch == 2
+
+
+@pytest.mark.parametrize("error", [EOFError(), ValueError("")])
+def test_a_read_error_without_a_message_is_named_by_its_type(error):
+    """An empty message raised IndexError in the warning, which stopped the fall-back to an older checkpoint."""
+    with pytest.warns(checkpoint.CheckpointSkippedWarning, match=f"skipping damaged checkpoint x/3: "
+                                                                 f"{type(error).__name__}$"):
+        checkpoint._warn_skipped(Path("x/3"), error)

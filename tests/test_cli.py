@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -203,9 +204,10 @@ def test_ctrl_c_is_one_line_and_exit_code_130(capsys):
 
     from digits_jax import cli
 
-    assert cli.reporting_errors("digits-jax train", interrupted) == 130
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "digits-jax train: interrupted; the checkpoints of finished epochs are kept" in err
+    assert cli.reporting_errors("digits-jax train", interrupted, "; rerun with --resume") == 130
+    assert capsys.readouterr().err == "digits-jax train: interrupted; rerun with --resume\n"
+    assert cli.reporting_errors("best.py", interrupted) == 130  # no --resume to name there
+    assert capsys.readouterr().err == "best.py: interrupted\n"
 
 
 def test_resume_of_a_directory_without_checkpoints_says_it_starts_anew(tmp_path, mnist_dir, capsys):
@@ -232,11 +234,11 @@ def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys,
         def __del__(self):
             raise self.error
 
-    monkeypatch.setattr(sys, "unraisablehook", cli._drop_closed_loop_callbacks)
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", functools.partial(cli._drop_closed_loop_callbacks, passed_on.append))
     RaisesWhenCollected(RuntimeError("Event loop is closed"))
-    assert capsys.readouterr().err == ""
     RaisesWhenCollected(RuntimeError("something else"))
-    assert "something else" in capsys.readouterr().err
+    assert [str(u.exc_value) for u in passed_on] == ["something else"]  # to the hook that was there before
 
 
 def test_runs_table_of_a_folder_of_runs_lists_the_runs_inside(tmp_path):
@@ -272,6 +274,8 @@ def test_eval_report_and_runs_answer_surprising_input_plainly(cli_run, tmp_path,
     run.mkdir()
     (run / "config.json").write_text(json.dumps({"name": "x"}))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": 80 / 81}) + "\n")
-    assert cli.main(["runs", str(run)]) == 0
+    (run / "config.json").write_text(json.dumps({"name": "x", "learning_rate": 1e-4}))
+    assert cli.main(["runs", str(run), str(tmp_path)]) == 0  # the run, and the folder it is in: one row
     out = capsys.readouterr().out
-    assert "98.77" in out and "98.765" not in out
+    assert "98.77" in out and "98.765" not in out and "0.0001" in out  # measured columns rounded, config not
+    assert out.count(str(run)) == 1
