@@ -60,6 +60,11 @@ class CheckpointSkippedWarning(UserWarning):
     """A checkpoint could not be read back intact and an older one was used."""
 
 
+def module_name(model: nn.Module) -> str:
+    """The "module.Class" name of a Flax module: what a run's record keeps as `custom_model` (a module from Python)."""
+    return f"{type(model).__module__}.{type(model).__qualname__}"
+
+
 def state_digest(state: Any) -> str:
     """SHA-256 of every leaf's bytes in tree order: what a restore must give back bit for bit."""
     digest = hashlib.sha256()
@@ -356,7 +361,7 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
             raise ModelNeededError(f"{directory} was trained with a model given from Python ({custom}), not the "
                                    f"registered model {meta.config['model']!r} of its config: restore it from Python "
                                    f"with digits_jax.restore(path, model=...) and that module")
-        given = model and f"{type(model).__module__}.{type(model).__qualname__}"
+        given = model and module_name(model)
         if custom and given != custom:  # the same parameter tree would restore silently into another network
             warnings.warn(f"{directory} was trained with {custom}; restoring it into {given} (renamed, or another "
                           "module?)", stacklevel=4)

@@ -225,7 +225,7 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
         raise
     except Exception as error:
         # Only the first line: for an unknown name tfds appends every dataset it knows (~260 lines).
-        detail = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}"
+        detail = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
         if _missing_tensorflow(error):
             raise DataError(f"tensorflow-datasets could not prepare {name!r}: its download and preparation code "
                             f"needs TensorFlow, which digits_jax does not install ({detail}); install tensorflow, or "

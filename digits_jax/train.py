@@ -423,7 +423,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     registered = models.create(config.model, config.num_classes)
     model = model if model is not None else registered
     # A module other than config.model's is recorded, so that restoring the run asks for it.
-    custom_model = None if model == registered else f"{type(model).__module__}.{type(model).__qualname__}"
+    custom_model = None if model == registered else checkpoint.module_name(model)
     tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
     state = create_train_state(config, model, train["image"].shape[1:], tx)
     state = parallel.put(state, parallel.state_shardings(state, mesh, config.shard_params))
