@@ -272,7 +272,6 @@ def test_eval_report_and_runs_answer_surprising_input_plainly(cli_run, tmp_path,
     assert f"--out {tmp_path / 'afile'} is a file: give a directory" in capsys.readouterr().err
     run = tmp_path / "run"
     run.mkdir()
-    (run / "config.json").write_text(json.dumps({"name": "x"}))
     (run / "metrics.jsonl").write_text(json.dumps({"epoch": 1, "test_accuracy": 80 / 81}) + "\n")
     (run / "config.json").write_text(json.dumps({"name": "x", "learning_rate": 1e-4}))
     assert cli.main(["runs", str(run), str(tmp_path)]) == 0  # the run, and the folder it is in: one row
