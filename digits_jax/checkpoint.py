@@ -124,6 +124,7 @@ class RunDir:
         self.config = config
         self.primary = jax.process_index() == 0
         self.records: list[dict[str, Any]] = []
+        _check_run_directory(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = _take_lock(self.path) if self.primary else None
@@ -238,6 +239,22 @@ class RunDir:
     def summary(self) -> dict[str, Any]:
         """{'final': last epoch's record, 'best': the record of the epoch chosen by validation accuracy}."""
         return {"final": self.records[-1], "best": best_record(self.records), "workdir": str(self.path)}
+
+
+def _check_run_directory(path: Path) -> None:
+    """Raises FileExistsError if `path` is a directory that holds files but no run: a mistyped --workdir (".", a
+    project folder) would otherwise get config.json and metrics.jsonl written over its own."""
+    try:
+        entries = {entry.name for entry in path.iterdir()}
+    except OSError:  # missing (made next), or not a directory or unreadable: reported where it is made
+        return
+    if entries & {CHECKPOINTS, METRICS}:  # written by a run, from its start
+        return
+    others = sorted(entries - {LOCK})
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise FileExistsError(f"{path} is not empty ({shown}) and holds no run: a run writes config.json, {METRICS} "
+                              f"and {CHECKPOINTS}/ into its directory; choose a new or empty --workdir")
 
 
 def _take_lock(path: Path) -> TextIO:

@@ -28,6 +28,8 @@ def _train(args: argparse.Namespace) -> int:
     if args.data_dir:
         config = config.replace(data_dir=args.data_dir)
     config = config.with_overrides(args.set)
+    if args.workdir == "":  # an unset variable in a script (--workdir "$DIR"): not the default's runs/CONFIG
+        raise ValueError("--workdir is empty: give a directory, or leave --workdir out for runs/CONFIG_NAME")
     workdir = args.workdir or f"runs/{config.name}"
     if args.resume and checkpoint.latest_epoch(workdir) is None:  # a mistyped --workdir would retrain silently
         print(f"digits-jax train: nothing to resume in {workdir} (no checkpoint there): starting a new run",

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import math
 import os
+import socket
 import struct
 import urllib.parse
 import zlib
@@ -210,13 +211,18 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
         # tfds picks ArrayRecord (random access, written without TensorFlow) only when data_dir is None;
         # with a data_dir it would write TFRecord, which needs TensorFlow and has no data source.
         builder_kwargs = {"file_format": "array_record"}
+
+        def read(download: bool) -> dict[str, Any]:
+            return {split: tfds.data_source(name, split=split, data_dir=data_dir, download=download,
+                                            builder_kwargs=builder_kwargs) for split in ("train", "test")}
+
         try:
-            sources = {split: tfds.data_source(name, split=split, data_dir=data_dir, download=not idx_fallback,
-                                               builder_kwargs=builder_kwargs) for split in ("train", "test")}
+            sources = read(download=False)  # a prepared copy, read without any network access
         except Exception:
-            if not idx_fallback:
-                raise
             sources = {}
+        if not sources and not idx_fallback:
+            _check_downloadable(builder, _download_manager(builder), list(builder.url_infos or ()))
+            sources = read(download=True)
         if urls and not sources:
             return _download_idx(builder, urls)
         return {split: _to_arrays(source, f"tensorflow-datasets {name!r} split {split!r}")
@@ -248,6 +254,44 @@ def _idx_urls(builder: Any) -> dict[str, str] | None:
     return urls if set(urls.values()) <= set(builder.url_infos or ()) else None
 
 
+def _unreachable(urls: list[str]) -> str:
+    """Why `urls` cannot be downloaded from here ('' if every host's name resolves)."""
+    for host in sorted({urllib.parse.urlsplit(url).hostname or "" for url in urls if url.startswith("http")}):
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as error:
+            return f"the name {host} does not resolve ({error}): no network access"
+    return ""
+
+
+def _check_downloadable(builder: Any, manager: Any, urls: list[str]) -> None:
+    """Raises DataError at once when tfds's download `manager` would have to download `urls` without a network:
+    tfds would retry each for about 3.5 minutes before it failed."""
+    offline = "" if _cached(builder, manager, urls) else _unreachable(urls)
+    if offline:
+        raise DataError(f"tensorflow-datasets has not prepared {builder.name!r} (in {builder.data_dir_root}) and "
+                        f"cannot download it: {offline}; {_USE_IDX_DIR}")
+
+
+def _cached(builder: Any, manager: Any, urls: list[str]) -> bool:
+    """Whether tfds's download `manager` holds each of `urls` (registered checksums): it reads those offline."""
+    from tensorflow_datasets.core.download import resource
+
+    try:
+        return all(resource.is_locally_cached(manager._get_dl_path(resource.Resource(url=url),  # noqa: SLF001
+                                                                   builder.url_infos[url].checksum)) for url in urls)
+    except Exception:  # tfds's internals changed: leave it to its download manager (which retries when offline)
+        return True
+
+
+def _download_manager(builder: Any) -> Any:
+    """tfds's download manager for `builder`, set up as the builder sets it up (<data_dir>/downloads/<name>)."""
+    from tensorflow_datasets.core import download
+
+    return download.DownloadManager(download_dir=builder.data_dir_root / "downloads", dataset_name=builder.name,
+                                    url_infos=builder.url_infos, force_checksums_validation=True)
+
+
 def _download_idx(builder: Any, urls: dict[str, str]) -> Splits:
     """Exists because tfds 4.9.10 cannot prepare MNIST-style datasets without TensorFlow, not a dependency of ours.
 
@@ -255,11 +299,9 @@ def _download_idx(builder: Any, urls: dict[str, str]) -> Splits:
     TensorFlow: set up as the builder sets it up, it keeps the files in <data_dir>/downloads/<name> (reused by later
     calls, and by tfds once TensorFlow is there) and checks tfds's registered sizes and checksums; we read the IDX.
     """
-    from tensorflow_datasets.core import download
-
+    manager = _download_manager(builder)
+    _check_downloadable(builder, manager, list(urls.values()))
     try:
-        manager = download.DownloadManager(download_dir=builder.data_dir_root / "downloads", dataset_name=builder.name,
-                                           url_infos=builder.url_infos, force_checksums_validation=True)
         files = {name: Path(path) for name, path in manager.download(urls).items()}
     except Exception as error:
         raise DataError(f"tensorflow-datasets cannot prepare {builder.name!r} without TensorFlow, and downloading its "

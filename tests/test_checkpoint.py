@@ -87,6 +87,26 @@ def test_a_run_with_records_but_no_checkpoint_is_not_overwritten_without_resume(
     assert (workdir / "metrics.jsonl").read_text() == records
 
 
+def test_a_directory_that_holds_other_files_is_not_made_a_run(tmp_path, tiny_config, tiny_data):
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "config.json").write_text("their own")
+    for name in ("notes.txt", "a", "b"):
+        (project / name).write_text("")
+    with pytest.raises(FileExistsError, match=rf"{project} is not empty \(a, b, config.json and 1 more\) and holds "
+                                              r"no run: .*choose a new or empty --workdir"):
+        train.train_and_evaluate(tiny_config.replace(epochs=1), project, resume=True, datasets=tiny_data)
+    assert sorted(p.name for p in project.iterdir()) == ["a", "b", "config.json", "notes.txt"]
+    assert (project / "config.json").read_text() == "their own"
+    # An empty directory, and one a run killed before its first checkpoint left, take a new run.
+    for workdir in (tmp_path / "empty", tmp_path / "killed"):
+        workdir.mkdir()
+    (tmp_path / "killed" / ".lock").write_text("")
+    for workdir in (tmp_path / "empty", tmp_path / "killed"):
+        train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, datasets=tiny_data)
+        assert checkpoint.latest_epoch(workdir) == 1
+
+
 @pytest.mark.parametrize("text", ["{", "", '{"epoch": 3}'])
 def test_resume_names_a_damaged_config_json(finished_run, tmp_path, tiny_config, tiny_data, text):
     workdir = tmp_path / "run"

@@ -223,6 +223,17 @@ def test_resume_of_a_directory_without_checkpoints_says_it_starts_anew(tmp_path,
     assert "nothing to resume" not in capsys.readouterr().err
 
 
+def test_an_empty_workdir_is_an_error_not_the_default(tmp_path, capsys, monkeypatch):
+    """`--workdir "$DIR"` with DIR unset trained into runs/CONFIG_NAME, another run's place."""
+    from digits_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--config", "tiny", "--workdir", ""]) == 1
+    assert capsys.readouterr().err == ("digits-jax train: error: --workdir is empty: give a directory, or leave "
+                                       "--workdir out for runs/CONFIG_NAME\n")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys, monkeypatch):
     """TensorStore's callbacks into Orbax's closed loop printed up to ~1,000 lines of tracebacks after the error."""
     from digits_jax import cli

@@ -6,6 +6,7 @@ import contextlib
 import gzip
 import importlib.util
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -293,6 +294,7 @@ def test_tfds_failure_explains_the_alternative(monkeypatch: pytest.MonkeyPatch) 
         raise ConnectionError("no network")
 
     monkeypatch.setattr(tfds, "data_source", offline)
+    resolves(monkeypatch)
     # Not a dataset tfds downloads as IDX files: without TensorFlow those never get here (see the tests below).
     with pytest.raises(DataError, match=f"could not download, prepare or read 'cifar10'.*give --data-dir a "
                                         f"directory of IDX files.*for MNIST, \\${DATA_DIR_ENV} works too") as info:
@@ -316,6 +318,7 @@ def fake_downloads(monkeypatch: pytest.MonkeyPatch, tfds: Any, directory: Path) 
         return {key: directory / url.rsplit("/", 1)[-1].removesuffix(".gz") for key, url in url_or_urls.items()}
 
     monkeypatch.setattr(tfds.download.DownloadManager, "download_and_extract", download_and_extract)
+    resolves(monkeypatch)
     return requested
 
 
@@ -337,7 +340,20 @@ def serve_urls(monkeypatch: pytest.MonkeyPatch, files: dict[str, Path]) -> list[
         yield SimpleNamespace(url=url, headers={"Content-length": str(len(content))}), iter([content])
 
     monkeypatch.setattr(downloader, "_open_with_requests", open_with_requests)
+    resolves(monkeypatch)
     return requested
+
+
+def resolves(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every host name resolves (these machines have no DNS): what `data` checks before tfds downloads."""
+    monkeypatch.setattr(socket, "getaddrinfo", lambda host, *args, **kwargs: [])
+
+
+def does_not_resolve(monkeypatch: pytest.MonkeyPatch) -> None:
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> None:
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
 
 
 def registered(files: dict[str, Path]) -> dict[str, Any]:
@@ -381,6 +397,7 @@ def test_tfds_without_tensorflow_downloads_mnist_idx(tmp_path: Path, monkeypatch
         np.testing.assert_array_equal(splits[split]["image"], expected[split]["image"])
         np.testing.assert_array_equal(splits[split]["label"], expected[split]["label"])
         assert splits[split]["label"].dtype == np.int32
+    does_not_resolve(monkeypatch)  # offline now: read from tfds's download cache
     again = load_tfds("mnist", data_dir=tmp_path)
     assert len(requested) == len(MNIST_URLS)  # nothing downloaded again
     np.testing.assert_array_equal(again["train"]["image"], splits["train"]["image"])
@@ -571,3 +588,20 @@ def test_an_unknown_tensorflow_datasets_name_is_one_short_line():
                                              r"--data-dir") as info:
         data.load_tfds("no_such_dataset_xyz")
     assert "\n" not in str(info.value) and len(str(info.value)) < 600
+
+
+@pytest.mark.parametrize("tensorflow", [False, True])
+def test_tfds_without_network_says_so_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                              tensorflow: bool) -> None:
+    """tfds itself retries each download with back-off for about 3.5 minutes before it reports the failure."""
+    requested = serve_urls(monkeypatch, {})
+    does_not_resolve(monkeypatch)
+    if tensorflow:  # installed or not, the check comes before tfds would download and prepare the dataset
+        find_spec = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *args: object() if name == "tensorflow" else find_spec(name, *args))
+    with pytest.raises(DataError, match=r"tensorflow-datasets has not prepared 'mnist' \(in .*\) and cannot "
+                                        r"download it: the name storage.googleapis.com does not resolve \(.*Name or "
+                                        r"service not known\): no network access; give --data-dir"):
+        load_tfds("mnist", data_dir=tmp_path)
+    assert requested == []  # tfds's downloader was never asked
