@@ -145,11 +145,13 @@ class RunDir:
         latest = self.manager.latest_step()
         if latest is None:
             # Checkpoints deleted to save space, or a run killed before its first one was complete: its records stay.
-            records = [] if resume else read_records(self.path)
-            if records:
+            records = read_records(self.path)
+            if records and not resume:
                 raise FileExistsError(f"{self.path} holds the records of a run ({len(records)} epochs in {METRICS}) "
                                       "but no checkpoint; pass --resume to train it again from the start, "
                                       "replacing them, or choose a new --workdir")
+            if records:  # replaced only by the same run trained again (scripts resume whatever is there)
+                self._check_saved_config()
             if self.primary:
                 _write_atomic(self.path / "config.json", self.config.to_json())
                 _write_atomic(self.path / METRICS, "")  # records of a run killed before its first checkpoint
@@ -157,15 +159,7 @@ class RunDir:
         if not resume:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
                                   "pass --resume to continue it, or choose a new --workdir")
-        try:
-            saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
-        except (OSError, ValueError, TypeError) as error:
-            raise ValueError(f"{self.path / 'config.json'}: {error}; fix the file, or start a new --workdir (each "
-                             "checkpoint holds its own copy of the config: digits_jax.restore(path).config)") from None
-        changed = saved.changed_fields(self.config)
-        if changed:
-            raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
-                             "config.json; resume with the same config or start a new --workdir")
+        self._check_saved_config()
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 
         def name(model: str | None) -> str:
@@ -195,6 +189,17 @@ class RunDir:
             _write_atomic(self.path / METRICS, "".join(json.dumps(r) + "\n" for r in self.records))
         self.manager.reload()
         return state
+
+    def _check_saved_config(self) -> None:
+        try:
+            saved = Config.from_dict(json.loads((self.path / "config.json").read_text()))
+        except (OSError, ValueError, TypeError) as error:
+            raise ValueError(f"{self.path / 'config.json'}: {error}; fix the file, or start a new --workdir (each "
+                             "checkpoint holds its own copy of the config: digits_jax.restore(path).config)") from None
+        changed = saved.changed_fields(self.config)
+        if changed:
+            raise ValueError(f"cannot resume {self.path}: config fields {changed} differ from the saved "
+                             "config.json; resume with the same config or start a new --workdir")
 
     def save(self, state: Any, record: dict[str, Any]) -> None:
         """Appends `record` to metrics.jsonl, then checkpoints `state` as step `record['epoch']`.
@@ -301,15 +306,31 @@ def best_record(records: list[dict[str, Any]]) -> dict[str, Any]:
     return max(reversed(scored), key=lambda r: r[BEST_METRIC])
 
 
-def latest_epoch(workdir: str | Path) -> int | None:
-    """The epoch of the newest complete checkpoint in run directory `workdir`; None when it has none."""
+def _epochs_saved(workdir: str | Path) -> list[int]:
+    """The epochs of the complete checkpoints in run directory `workdir`, oldest first."""
     if not (Path(workdir) / CHECKPOINTS).is_dir():
-        return None
+        return []
     manager = _manager(Path(workdir).absolute() / CHECKPOINTS, read_only=True)
     try:
-        return manager.latest_step()
+        return sorted(manager.all_steps())
     finally:
         manager.close()
+
+
+def latest_epoch(workdir: str | Path) -> int | None:
+    """The epoch of the newest complete checkpoint in run directory `workdir`; None when it has none."""
+    return max(_epochs_saved(workdir), default=None)
+
+
+def is_finished(workdir: str | Path, epochs: int) -> bool:
+    """Whether the run in `workdir` has trained its `epochs`: the last epoch's checkpoint is saved, or the records
+    reach `epochs` and the checkpoint that `restore` picks (best by validation) is kept, as when the others
+    were deleted to save space (resuming would retrain from the newest one kept)."""
+    saved = _epochs_saved(workdir)
+    if not saved or saved[-1] >= epochs:
+        return bool(saved)
+    records = read_records(workdir)
+    return records[-1]["epoch"] >= epochs and best_record(records)["epoch"] in saved if records else False
 
 
 @dataclasses.dataclass

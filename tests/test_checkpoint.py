@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import shutil
 import warnings
 from pathlib import Path
@@ -105,6 +106,42 @@ def test_a_directory_that_holds_other_files_is_not_made_a_run(tmp_path, tiny_con
     for workdir in (tmp_path / "empty", tmp_path / "killed"):
         train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, datasets=tiny_data)
         assert checkpoint.latest_epoch(workdir) == 1
+
+
+def test_a_finished_run_keeping_only_its_best_checkpoint_is_finished(finished_run, tmp_path, tiny_config):
+    """Runs brought back from a GPU with their chosen checkpoint only were 'unfinished': best.py retrained them."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    epochs = tiny_config.epochs
+    assert epochs == 2 and checkpoint.is_finished(workdir, epochs) and not checkpoint.is_finished(workdir, 3)
+    records = checkpoint.read_records(workdir)
+    records[0]["validation_accuracy"] = 1.0  # validation picked epoch 1
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    shutil.rmtree(workdir / "checkpoints" / "2")
+    assert checkpoint.is_finished(workdir, epochs)
+    # Killed after epoch 1's checkpoint: its records end there.
+    (workdir / "metrics.jsonl").write_text(json.dumps(records[0]) + "\n")
+    assert not checkpoint.is_finished(workdir, epochs)
+    # The records reach the end, but the checkpoint restore would pick is gone.
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r | {"validation_accuracy": 0.5 * r["epoch"]}) + "\n"
+                                                   for r in records))
+    assert not checkpoint.is_finished(workdir, epochs)
+    assert not checkpoint.is_finished(tmp_path / "nothing", epochs)
+
+
+def test_resume_does_not_replace_the_records_of_another_run(finished_run, tmp_path, tiny_config, tiny_data):
+    """Scripts resume whatever is in their directory: another config's records without checkpoints were replaced."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    shutil.rmtree(workdir / "checkpoints")
+    records = (workdir / "metrics.jsonl").read_text()
+    with pytest.raises(ValueError, match=r"cannot resume .*: config fields \['seed'\] differ from the saved"):
+        train.train_and_evaluate(tiny_config.replace(seed=9), workdir, resume=True, datasets=tiny_data)
+    assert (workdir / "metrics.jsonl").read_text() == records
+    # The same run's records: trained again from the start, replacing them.
+    train.train_and_evaluate(tiny_config.replace(epochs=1), workdir.parent / "other", datasets=tiny_data)
+    train.train_and_evaluate(tiny_config, workdir, resume=True, datasets=tiny_data)
+    assert checkpoint.latest_epoch(workdir) == 2
 
 
 @pytest.mark.parametrize("text", ["{", "", '{"epoch": 3}'])

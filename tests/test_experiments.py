@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from digits_jax import checkpoint, data
+from digits_jax import checkpoint, data, train
 from tests.conftest import REPO, experiment, one_device
 
 
@@ -89,10 +89,17 @@ def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_p
     other = splits | {"validation": {k: v[::-1] for k, v in splits["validation"].items()}}
     with pytest.raises(ValueError, match="holds a run trained on other data"):
         train_blind(tiny_config, workdir, other)
-    # Killed between its last record and that epoch's checkpoint: not finished, so that epoch is trained again.
+    # Killed between its last record and that epoch's checkpoint (or that checkpoint deleted): finished if validation
+    # picked an earlier epoch, else that epoch is trained again (both cases: test_checkpoint's is_finished test).
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "2")
     assert train_blind(tiny_config, workdir, splits).epoch == chosen.epoch
-    assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
+    assert (tmp_path / "run" / "checkpoints" / "2").is_dir() == (chosen.epoch == 2)
+    # The same recipe trained by `digits-jax train` (the test split evaluated after each epoch) is reused too.
+    train_run = tmp_path / "train"
+    train.train_and_evaluate(tiny_config, train_run, datasets=splits)
+    saved = (train_run / "metrics.jsonl").stat().st_mtime_ns
+    assert train_blind(tiny_config, str(train_run), splits).epoch == chosen.epoch
+    assert (train_run / "metrics.jsonl").stat().st_mtime_ns == saved
 
 
 def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_path, mnist_dir):
