@@ -27,7 +27,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 train: setup  ## train the default config into runs/default and report its test accuracy
-	$(PY) -m digits_jax train --config default --workdir runs/default $(if $(RESUME),--resume) $(ARGS)
+	$(PY) -m digits_jax train --config default --workdir runs/default $(if $(filter 1 yes true,$(RESUME)),--resume) $(ARGS)
 
 seed: setup  ## the original Keras recipe (Adam 1e-4, 10 epochs)
 	$(PY) experiments/seed.py $(ARGS)

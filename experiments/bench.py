@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from digits_jax import cli, data, models, optim, parallel, train
 from digits_jax import config as config_lib
-from digits_jax import data, models, optim, parallel, train
 
 # The seed CNN's nominal training cost, 15.79 M, as ../shared/peers counts it. Ours computes 16% less (it skips the
 # rows and columns its pools drop: see models.CNN), so its GFLOP/s are nominal FLOPs per second, as the peers' are.
@@ -131,9 +131,11 @@ def scaling_in_subprocess(device_counts: list[int]) -> list[dict[str, float]]:
     if jax.default_backend() == "cpu":
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={max(device_counts)}"
     counts = ",".join(map(str, device_counts))
-    output = subprocess.run([sys.executable, __file__, "--scaling-worker", counts], env=env, check=True,
-                            stdout=subprocess.PIPE, text=True).stdout
-    return json.loads(output.splitlines()[-1])
+    command = [sys.executable, __file__, "--scaling-worker", counts]
+    process = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
+    if process.returncode != 0:
+        raise ChildProcessError(f"{' '.join(command)} exited {process.returncode} (its errors are above)")
+    return json.loads(process.stdout.splitlines()[-1])
 
 
 def fast_to_99(seed: int, compilation_cache: str) -> dict[str, Any]:
@@ -155,9 +157,18 @@ def fast_to_99(seed: int, compilation_cache: str) -> dict[str, Any]:
                     result["from_process_start"] = time.perf_counter() - start
                     result["from_first_step"] = float(fields["seconds_from_first_step"])
         if process.wait() != 0:
-            raise RuntimeError(f"{' '.join(command)} exited {process.returncode}")
+            raise ChildProcessError(f"{' '.join(command)} exited {process.returncode} (its errors are above)")
         result["process_seconds"] = time.perf_counter() - start
     return result
+
+
+def _device_counts(text: str) -> list[int]:
+    """--scaling-devices, checked before minutes of timing: each count must divide the batch of 128."""
+    counts = [part.strip() for part in text.split(",")] if text.strip() else []
+    if not all(part.isdigit() and int(part) > 0 and 128 % int(part) == 0 for part in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give device counts that divide the batch of 128, e.g. 1,2,4,8 "
+                                         "('' skips)")
+    return [int(part) for part in counts]
 
 
 def main() -> None:
@@ -165,7 +176,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=3, help="compiled epochs to time; the first is warm-up")
     parser.add_argument("--fast-seeds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=Path("runs/bench/bench.json"))
-    parser.add_argument("--scaling-devices", default="1,2,4,8", help="device counts to time; '' skips")
+    parser.add_argument("--scaling-devices", default="1,2,4,8", type=_device_counts,
+                        help="device counts to time, e.g. 1,2,4,8; '' skips")
     parser.add_argument("--scaling-worker", help=argparse.SUPPRESS)  # internal: run `scaling` and print JSON
     args = parser.parse_args()
     if args.epochs < 2:
@@ -185,8 +197,7 @@ def main() -> None:
     print(f"test accuracy after 1 epoch, same init and order: compiled epoch "
           f"{100 * s['epoch_path_test_accuracy_1_epoch']:.2f}%, per-step path "
           f"{100 * s['per_step_test_accuracy_1_epoch']:.2f}%", flush=True)
-    counts = [n for n in map(int, args.scaling_devices.split(",") if args.scaling_devices else [])
-              if jax.default_backend() == "cpu" or n <= len(jax.devices())]
+    counts = [n for n in args.scaling_devices if jax.default_backend() == "cpu" or n <= len(jax.devices())]
     if counts:  # none on a GPU machine with fewer devices than every count asked for
         report["scaling"] = scaling_in_subprocess(counts)
         fake = " (fake CPU devices sharing the cores)" if jax.default_backend() == "cpu" else ""
@@ -217,4 +228,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.reporting_errors("bench.py", main))

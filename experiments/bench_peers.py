@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from digits_jax import cli
+
 REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO.parent / "shared" / "peers"
 VENVS = Path.home() / ".venvs"
@@ -38,8 +40,11 @@ def python_for(venv: str) -> str:
     python, installed = VENVS / venv / "bin" / "python", VENVS / venv / ".installed"
     if not installed.exists():
         print(f"setting up {VENVS / venv} (first use) ...", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(VENVS / venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS[venv]], check=True)
+        for command in ([sys.executable, "-m", "venv", str(VENVS / venv)],
+                        [str(python), "-m", "pip", "install", "--quiet", *REQUIREMENTS[venv]]):
+            if subprocess.run(command).returncode != 0:
+                raise ChildProcessError(f"setting up the peers' environment {VENVS / venv} failed: "
+                                        f"`{' '.join(command)}` (its errors are above; pip needs PyPI once); rerun")
         installed.touch()
     return str(python)
 
@@ -49,15 +54,17 @@ def run(name: str, command: list[str], cwd: Path) -> str:
     start = time.perf_counter()
     result = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
     if result.returncode != 0:
-        raise RuntimeError(f"{name} exited {result.returncode}:\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
-    print(result.stdout.strip().splitlines()[-1], f"({time.perf_counter() - start:.0f} s)", flush=True)
+        raise ChildProcessError(f"{name} exited {result.returncode}:\n{result.stdout[-2000:]}\n"
+                                f"{result.stderr[-2000:]}")
+    print((result.stdout.strip().splitlines() or ["(no output)"])[-1], f"({time.perf_counter() - start:.0f} s)",
+          flush=True)
     return result.stdout
 
 
 def steady_images_per_second(stdout: str) -> float:
     match = STEADY.search(stdout)
     if match is None:
-        raise RuntimeError(f"no 'steady epoch' line in:\n{stdout[-1000:]}")
+        raise ValueError(f"no 'steady epoch' line in the peer's output (changed script?):\n{stdout[-1000:]}")
     return float(match.group(2))
 
 
@@ -145,4 +152,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.reporting_errors("bench_peers.py", main))

@@ -5,7 +5,8 @@
 Members are `config.best()` with each model of --models and seeds 0..N-1, in the directories of
 `make best` (runs/best-{model}-seed{i}): runs already finished are reused, interrupted ones finished, both
 without looking at the test set. Each member contributes its checkpoint picked by validation accuracy; the
-ensemble is scored on the validation split and then once on the test set. With `--set validation_size=0` the
+ensemble is scored on the validation split and then once on the test set (`--validation-only`: not the test set,
+to compare ensembles). With `--set validation_size=0` the
 members train on all 60,000 training images (runs/best-{model}-full-seed{i}) and contribute their last epoch.
 Members of one recipe agree too often for averaging them to help much. `--models bn strided` adds the no-pooling
 CNN (about 1.5x the time per epoch); on validation, bn + strided (15 epochs, seed 0 each) scored 99.72%, no more than
@@ -30,6 +31,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 of each model")
     parser.add_argument("--method", default="mean", choices=ensemble.METHODS)
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    parser.add_argument("--validation-only", action="store_true",
+                        help="score the validation split only: to compare --models, --seeds or --method without "
+                        "looking at the test set")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
@@ -46,14 +50,18 @@ def main() -> None:
     members = [(r.state.apply_fn, r.state.variables) for r in restored]
     run_config = restored[0].config
     scored = [split for split in ("validation", "test") if len(splits[split]["label"])]  # validation_size=0: none
+    if args.validation_only:
+        if "validation" not in scored:
+            raise ValueError("--validation-only: these members hold out no validation split (validation_size=0)")
+        scored = ["validation"]
     result = {split: ensemble.evaluate(members, splits[split], args.method, run_config.eval_batch_size,
                                        [r.config.tta_shift for r in restored]) for split in scored}
-    test = result["test"]
-    validation = (f"validation {100 * result['validation']['accuracy']:.2f}%" if "validation" in result
-                  else "no validation split")
-    print(f"ensemble of {len(members)} ({args.method}): test accuracy {100 * test['accuracy']:.2f}% "
-          f"({validation}); members "
-          + ", ".join(f"{Path(w).name} {100 * a:.2f}%" for w, a in zip(workdirs, test["member_accuracies"],
+    shown = result[scored[-1]]  # the test split's, unless left out
+    others = (f"validation {100 * result['validation']['accuracy']:.2f}%" if "validation" in result
+              else "no validation split") if scored[-1] == "test" else "test set not scored"
+    print(f"ensemble of {len(members)} ({args.method}): {scored[-1]} accuracy {100 * shown['accuracy']:.2f}% "
+          f"({others}); members "
+          + ", ".join(f"{Path(w).name} {100 * a:.2f}%" for w, a in zip(workdirs, shown["member_accuracies"],
                                                                           strict=True))
           + f"; {time.perf_counter() - start:.0f} s wall")
     print(json.dumps({"members": workdirs, "epochs": [r.epoch for r in restored], **result}))

@@ -107,9 +107,9 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
             "--set", "tta_shift=0", "--set", f"data_dir={mnist_dir}"]
     env = one_device()
 
-    def run(script: str, *args: str) -> list[str]:
-        result = subprocess.run([sys.executable, str(REPO / "experiments" / script), *args, *tiny], cwd=tmp_path,
-                                capture_output=True, text=True, timeout=300, env=env)
+    def run(script: str, *args: str, then: tuple[str, ...] = ()) -> list[str]:
+        result = subprocess.run([sys.executable, str(REPO / "experiments" / script), *args, *tiny, *then],
+                                cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
         assert result.returncode == 0, result.stderr[-3000:]
         return result.stdout.splitlines()
 
@@ -133,12 +133,33 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
     refused = subprocess.run([sys.executable, "-m", "digits_jax", "eval", "--checkpoint", str(workdir), "--split",
                               "validation"], cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert refused.returncode == 1 and f"{workdir} has no validation split" in refused.stderr
+    refused = subprocess.run([sys.executable, str(REPO / "experiments" / "ensemble.py"), "--seeds", "1",
+                              "--validation-only", *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                             env=env)
+    assert refused.returncode == 1
+    assert "--validation-only: these members hold out no validation split" in refused.stderr
+    # With a validation split: scored there only.
+    compared = run("ensemble.py", "--seeds", "1", "--validation-only", then=("--set", "validation_size=128"))
+    result = json.loads(compared[-1])
+    assert list(result) == ["members", "epochs", "validation"] and "test set not scored" in compared[-2]
 
 
 @pytest.mark.parametrize("script", ["bench.py", "bench_peers.py"])
 def test_benchmarks_refuse_one_epoch_that_would_be_all_warm_up(script):
     result = run_script(script, "--epochs", "1")
     assert result.returncode == 2 and "--epochs must be at least 2" in result.stderr
+
+
+def test_bench_refuses_bad_device_counts_and_missing_data_in_one_line(tmp_path):
+    """A bad --scaling-devices was found after minutes of timing, and a missing data directory was a traceback."""
+    for counts in ("1,x", "3", "0"):
+        result = run_script("bench.py", "--scaling-devices", counts)
+        assert result.returncode == 2
+        assert f"'{counts}': give device counts that divide the batch of 128, e.g. 1,2,4,8" in result.stderr
+    result = subprocess.run([sys.executable, "experiments/bench.py"], cwd=REPO, capture_output=True, text=True,
+                            timeout=120, env=one_device() | {"DIGITS_JAX_DATA_DIR": str(tmp_path / "nowhere")})
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith(f"bench.py: error: {tmp_path / 'nowhere'}: data directory does not exist")
 
 
 def test_bench_peers_pairs_summary():
