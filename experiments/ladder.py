@@ -89,16 +89,22 @@ def run_ladder(rungs: list[tuple[str, Config]], seeds: int, tiny: bool, root: Pa
 
 
 def summarise(runs: pd.DataFrame) -> pd.DataFrame:
-    """Per rung, in ladder order: seeds, test accuracy mean, std and best (percent), mean wall seconds."""
+    """Per rung, in ladder order: runs (the ensemble is one), test accuracy mean, std and best (percent), mean wall
+    seconds."""
     grouped = runs.groupby("rung", sort=False)
     table = pd.DataFrame({
-        "seeds": grouped.size(),
+        "runs": grouped.size(),
         "test accuracy % (mean)": grouped["test_accuracy"].mean() * 100,
         "std": grouped["test_accuracy"].std(ddof=1) * 100,
         "best": grouped["test_accuracy"].max() * 100,
         "wall s (mean)": grouped["wall_seconds"].mean(),
     })
     return table.round({"test accuracy % (mean)": 2, "std": 2, "best": 2, "wall s (mean)": 0})
+
+
+def markdown(table: pd.DataFrame) -> str:
+    """`summarise`'s table as Markdown; a blank where one run has no std."""
+    return table.astype(object).where(table.notna(), None).to_markdown(missingval="")
 
 
 def main() -> None:
@@ -129,7 +135,7 @@ def main() -> None:
     args.out.with_suffix(".md").write_text(
         f"MNIST test accuracy per rung ({args.seeds} seeds; {rungs[0][1].epochs} epochs for the {rungs[0][0]}, "
         f"{rungs[1][1].epochs} for the other rungs{'; tiny' if args.tiny else ''}), "
-        f"epoch chosen on validation. Hardware: {hardware}.\n\n{table.to_markdown()}\n")
+        f"epoch chosen on validation. Hardware: {hardware}.\n\n{markdown(table)}\n")
     print(table.to_string())
     print(f"wrote {args.out.with_suffix('.csv')} and {args.out.with_suffix('.md')}")
 
