@@ -48,7 +48,7 @@ def _eval(args: argparse.Namespace) -> int:
     path = args.checkpoint[0]
     restored = checkpoint.restore(path, step=args.step)
     config = data.with_source(restored.config, args.data_dir, args.dataset)
-    split = data.load(config)[args.split]
+    split = data.load(config, (args.split,))[args.split]
     _check_nonempty(split, path, args.split)
     restored.check_images(split["image"], args.split, config)
     result = train.evaluate(restored.state.apply_fn, restored.state.variables, split, config.eval_batch_size,
@@ -87,7 +87,7 @@ def _eval_ensemble(args: argparse.Namespace) -> int:
     for config in configs:
         key = data.load_key(config)
         if key not in loaded:
-            loaded[key] = data.load(config)[args.split]
+            loaded[key] = data.load(config, (args.split,))[args.split]
         splits.append(loaded[key])
     _check_nonempty(splits[0], args.checkpoint[0], args.split)
     for r, config, split in zip(restored, configs, splits, strict=True):

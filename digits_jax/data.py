@@ -137,14 +137,16 @@ def _read_verified(path: Path, name: str, ndim: int, verify_mnist: bool) -> np.n
     return array
 
 
-def _load_idx_dir(directory: Path, verify_mnist: bool) -> tuple[Splits, dict[str, Path]]:
-    """`load_idx_dir`, plus each split's labels file (for error messages)."""
+def _load_idx_dir(directory: Path, verify_mnist: bool, files: tuple[str, ...] = tuple(IDX_FILES)
+                  ) -> tuple[Splits, dict[str, Path]]:
+    """`load_idx_dir` of the `files` splits ('train' and/or 'test'), plus each one's labels file (for messages)."""
     if not directory.is_dir():
         raise DataError(f"{directory}: data directory does not exist; create it with the MNIST IDX files "
                         f"({', '.join(name for pair in IDX_FILES.values() for name in pair)}, .gz or not) "
                         f"or fix --data-dir / ${DATA_DIR_ENV}")
     # Look for all four before reading any, so a missing file is reported at once.
-    paths = {split: (_find(directory, image), _find(directory, label)) for split, (image, label) in IDX_FILES.items()}
+    paths = {split: (_find(directory, image), _find(directory, label)) for split, (image, label) in IDX_FILES.items()
+             if split in files}
     return _load_idx_files(paths, verify_mnist)
 
 
@@ -152,8 +154,8 @@ def _load_idx_files(paths: dict[str, tuple[Path, Path]], verify_mnist: bool) -> 
     """Reads each split's (images, labels) files (the pins go by `IDX_FILES` names); also returns the labels files."""
     splits: Splits = {}
     label_paths: dict[str, Path] = {}
-    for split, (image_name, label_name) in IDX_FILES.items():
-        image_path, label_path = paths[split]
+    for split, (image_path, label_path) in paths.items():
+        image_name, label_name = IDX_FILES[split]
         images = _read_verified(image_path, image_name, 3, verify_mnist)
         labels = _read_verified(label_path, label_name, 1, verify_mnist)
         if len(images) != len(labels):
@@ -398,28 +400,40 @@ def load_key(config: Config) -> tuple[object, ...]:
     return config.dataset, config.data_dir, config.num_classes, config.validation_size, config.train_limit
 
 
-def load(config: Config) -> Splits:
-    """The train, validation and test splits that `config` asks for.
+SPLITS = ("train", "validation", "test")
+
+
+def load(config: Config, splits: tuple[str, ...] = SPLITS) -> Splits:
+    """The `splits` (default: train, validation and test) that `config` asks for.
 
     The source is config.data_dir, else (for "mnist" only: it names where MNIST's files are)
     ${DIGITS_JAX_DATA_DIR}, else tensorflow-datasets `config.dataset`. IDX
-    files are checked against the MNIST pins iff config.dataset == "mnist". Validation is the last
-    config.validation_size training images (independent of the seed); config.train_limit then keeps only
-    the first images of the rest.
+    files are checked against the MNIST pins iff config.dataset == "mnist"; for the test split alone only the
+    t10k files are read (and needed). Validation is the last config.validation_size training images (independent
+    of the seed); config.train_limit then keeps only the first images of the rest.
 
     Returns:
-      {'train', 'validation', 'test'}, each {'image': (N, H, W, C) uint8, 'label': (N,) int32}, the same H, W, C
-      in every split.
+      {split: {'image': (N, H, W, C) uint8, 'label': (N,) int32}} for each of `splits`, the same H, W, C in every
+      split.
     """
+    unknown = sorted(set(splits) - set(SPLITS))
+    if unknown:
+        raise ValueError(f"data.load(splits={splits!r}): {unknown} are not splits; choose from {SPLITS}")
     directory = config.data_dir or (os.environ.get(DATA_DIR_ENV) if config.dataset == "mnist" else None)
     if directory:
-        splits, label_paths = _load_idx_dir(Path(directory), verify_mnist=config.dataset == "mnist")
+        files = ("test",) if set(splits) == {"test"} else tuple(IDX_FILES)  # validation is cut from train
+        read, label_paths = _load_idx_dir(Path(directory), verify_mnist=config.dataset == "mnist", files=files)
         origins = {split: str(path) for split, path in label_paths.items()}
     else:
-        splits = load_tfds(config.dataset)
-        origins = {split: f"tensorflow-datasets {config.dataset!r} split {split!r}" for split in splits}
+        read = load_tfds(config.dataset)
+        origins = {split: f"tensorflow-datasets {config.dataset!r} split {split!r}" for split in read}
+    if "train" not in read:  # the test split alone: checked beside empty others of its image size
+        test = read["test"]
+        empty = {"image": test["image"][:0], "label": test["label"][:0]}
+        check({"train": empty, "validation": empty, "test": test}, config.num_classes, origins)
+        return {"test": test}
 
-    train, n = splits["train"], len(splits["train"]["label"])
+    train, n = read["train"], len(read["train"]["label"])
     if not 0 <= config.validation_size < n:
         raise ValueError(f"config.validation_size = {config.validation_size}: must be >= 0 and smaller than the "
                          f"{n} training images of {origins['train']}")
@@ -428,9 +442,9 @@ def load(config: Config) -> Splits:
     train = {key: array[:cut] for key, array in train.items()}
     if config.train_limit is not None:
         train = {key: array[:config.train_limit] for key, array in train.items()}
-    loaded = {"train": train, "validation": validation, "test": splits["test"]}
+    loaded = {"train": train, "validation": validation, "test": read["test"]}
     check(loaded, config.num_classes, origins | {"validation": origins["train"]})
-    return loaded
+    return {split: loaded[split] for split in splits}
 
 
 def fingerprint(splits: Splits) -> str:

@@ -45,7 +45,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
                          "`digits-jax train` wrote and that finished at least one epoch")
     restored = checkpoint.restore(run_dir, step="best")
     config = data.with_source(restored.config, data_dir, dataset)
-    test = data.load(config)["test"]
+    test = data.load(config, ("test",))["test"]
     restored.check_images(test["image"], "test", config)
     state = restored.state
     result = train.evaluate(state.apply_fn, state.variables, test, config.eval_batch_size, tta_shift=config.tta_shift)

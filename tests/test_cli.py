@@ -45,10 +45,9 @@ def test_eval_and_report_read_other_idx_data_as_dataset_custom(cli_run, tmp_path
     """A model trained on MNIST scored on other IDX files: the MNIST checksums refuse them until --dataset says so."""
     workdir, _ = cli_run
     rng = np.random.default_rng(0)
-    for split, n in (("train", 200), ("test", 50)):
-        image_name, label_name = data.IDX_FILES[split]
-        write_idx(tmp_path / f"{image_name}.gz", rng.integers(0, 256, (n, 28, 28)))
-        write_idx(tmp_path / f"{label_name}.gz", rng.integers(0, 10, n))
+    image_name, label_name = data.IDX_FILES["test"]  # test files only: the training files were needed too
+    write_idx(tmp_path / f"{image_name}.gz", rng.integers(0, 256, (50, 28, 28)))
+    write_idx(tmp_path / f"{label_name}.gz", rng.integers(0, 10, 50))
     refused = digits_jax("eval", "--checkpoint", str(workdir), "--data-dir", str(tmp_path), check=False)
     assert refused.returncode == 1 and "checksum mismatch" in refused.stderr
     assert "`eval`/`report --dataset custom`" in refused.stderr
@@ -59,6 +58,9 @@ def test_eval_and_report_read_other_idx_data_as_dataset_custom(cli_run, tmp_path
     digits_jax("report", str(workdir), "--data-dir", str(tmp_path), "--dataset", "custom", "--out",
                str(tmp_path / "report"))
     assert "(50 images, " in (tmp_path / "report" / "report.md").read_text()
+    refused = digits_jax("eval", "--checkpoint", str(workdir), "--data-dir", str(tmp_path), "--dataset", "custom",
+                         "--split", "train", check=False)
+    assert refused.returncode == 1 and f"{tmp_path}: missing file: looked for train-images-idx3-ubyte" in refused.stderr
 
 
 def test_train_keeps_compiled_programs_in_the_default_cache(cli_run, cli_cache):

@@ -222,6 +222,21 @@ def test_validation_is_the_last_training_images(tmp_path: Path) -> None:
     np.testing.assert_array_equal(other["validation"]["image"], splits["validation"]["image"])
 
 
+def test_the_test_split_alone_needs_only_the_test_files(tmp_path: Path) -> None:
+    written = make_idx_dir(tmp_path, gz=False)
+    for name in data.IDX_FILES["train"]:
+        (tmp_path / name).unlink()
+    splits = load(custom_config(tmp_path), ("test",))
+    assert set(splits) == {"test"}
+    np.testing.assert_array_equal(splits["test"]["image"][..., 0], written["test"]["image"])
+    np.testing.assert_array_equal(splits["test"]["label"], written["test"]["label"])
+    for asked in (("validation",), ("train", "test")):
+        with pytest.raises(DataError, match=f"{tmp_path}: missing file: looked for train-images-idx3-ubyte"):
+            load(custom_config(tmp_path), asked)
+    with pytest.raises(ValueError, match=r"\['valid'\] are not splits"):
+        load(custom_config(tmp_path), ("valid",))
+
+
 def test_train_limit_leaves_validation_alone(tmp_path: Path) -> None:
     written = make_idx_dir(tmp_path)
     splits = load(custom_config(tmp_path, validation_size=5, train_limit=4))
