@@ -124,7 +124,7 @@ class RunDir:
         self.config = config
         self.primary = jax.process_index() == 0
         self.records: list[dict[str, Any]] = []
-        _check_run_directory(self.path)
+        check_run_directory(self.path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             self._lock = _take_lock(self.path) if self.primary else None
@@ -246,20 +246,18 @@ class RunDir:
         return {"final": self.records[-1], "best": best_record(self.records), "workdir": str(self.path)}
 
 
-def _check_run_directory(path: Path) -> None:
-    """Raises FileExistsError if `path` is a directory that holds files but no run: a mistyped --workdir (".", a
-    project folder) would otherwise get config.json and metrics.jsonl written over its own."""
+def check_run_directory(path: Path) -> None:
+    """Raises FileExistsError if `path` holds a config.json that no run wrote and no run: a mistyped --workdir
+    (".", a project folder) would have it overwritten. Other files there are left alone and are no obstacle."""
+    config_path = path / "config.json"
+    if not config_path.is_file() or (path / CHECKPOINTS).exists() or (path / METRICS).exists():
+        return
     try:
-        entries = {entry.name for entry in path.iterdir()}
-    except OSError:  # missing (made next), or not a directory or unreadable: reported where it is made
-        return
-    if entries & {CHECKPOINTS, METRICS}:  # written by a run, from its start
-        return
-    others = sorted(entries - {LOCK})
-    if others:
-        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
-        raise FileExistsError(f"{path} is not empty ({shown}) and holds no run: a run writes config.json, {METRICS} "
-                              f"and {CHECKPOINTS}/ into its directory; choose a new or empty --workdir")
+        Config.from_dict(json.loads(config_path.read_text()))  # left by a run whose other files were deleted
+    except (OSError, ValueError, TypeError):
+        raise FileExistsError(f"{config_path} is not a digits_jax run's config and {path} holds no run: a run writes "
+                              f"config.json, {METRICS} and {CHECKPOINTS}/ into its directory; choose a new or empty "
+                              "--workdir") from None
 
 
 def _take_lock(path: Path) -> TextIO:

@@ -32,6 +32,7 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError("--workdir is empty: give a directory, or leave --workdir out for runs/CONFIG_NAME")
     workdir = args.workdir or f"runs/{config.name}"
     if args.resume and checkpoint.latest_epoch(workdir) is None:  # a mistyped --workdir would retrain silently
+        checkpoint.check_run_directory(Path(workdir))  # a refusal, if any, before saying that a run starts
         print(f"digits-jax train: nothing to resume in {workdir} (no checkpoint there): starting a new run",
               file=sys.stderr)
     train.train_and_evaluate(config, workdir, resume=args.resume)

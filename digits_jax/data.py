@@ -6,6 +6,7 @@ uses only NumPy and the standard library, so it works offline and never imports 
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import importlib.util
@@ -14,7 +15,9 @@ import os
 import socket
 import struct
 import urllib.parse
+import urllib.request
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -213,18 +216,14 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
         # tfds picks ArrayRecord (random access, written without TensorFlow) only when data_dir is None;
         # with a data_dir it would write TFRecord, which needs TensorFlow and has no data source.
         builder_kwargs = {"file_format": "array_record"}
-
-        def read(download: bool) -> dict[str, Any]:
-            return {split: tfds.data_source(name, split=split, data_dir=data_dir, download=download,
-                                            builder_kwargs=builder_kwargs) for split in ("train", "test")}
-
-        try:
-            sources = read(download=False)  # a prepared copy, read without any network access
-        except Exception:
-            sources = {}
-        if not sources and not idx_fallback:
-            _check_downloadable(builder, _download_manager(builder), list(builder.url_infos or ()))
-            sources = read(download=True)
+        with _one_try_offline(repr(name), list(builder.url_infos or ())):
+            try:
+                sources = {split: tfds.data_source(name, split=split, data_dir=data_dir, download=not idx_fallback,
+                                                   builder_kwargs=builder_kwargs) for split in ("train", "test")}
+            except Exception:
+                if not idx_fallback:
+                    raise
+                sources = {}
         if urls and not sources:
             return _download_idx(builder, urls)
         return {split: _to_arrays(source, f"tensorflow-datasets {name!r} split {split!r}")
@@ -232,8 +231,7 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
     except DataError:
         raise
     except Exception as error:
-        # Only the first line: for an unknown name tfds appends every dataset it knows (~260 lines).
-        detail = f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+        detail = _first_line(error)
         if _missing_tensorflow(error):
             raise DataError(f"tensorflow-datasets could not prepare {name!r}: its download and preparation code "
                             f"needs TensorFlow, which digits_jax does not install ({detail}); install tensorflow, or "
@@ -241,6 +239,11 @@ def load_tfds(name: str, *, data_dir: str | os.PathLike[str] | None = None) -> S
                             f"point $TFDS_DATA_DIR at the result, or {_USE_IDX_DIR}") from error
         raise DataError(f"tensorflow-datasets could not download, prepare or read {name!r} ({detail}); "
                         f"without network access, {_USE_IDX_DIR}") from error
+
+
+def _first_line(error: BaseException) -> str:
+    """'Type: first line of the message': for an unknown name tfds appends every dataset it knows (~260 lines)."""
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def _idx_urls(builder: Any) -> dict[str, str] | None:
@@ -257,8 +260,13 @@ def _idx_urls(builder: Any) -> dict[str, str] | None:
 
 
 def _unreachable(urls: list[str]) -> str:
-    """Why `urls` cannot be downloaded from here ('' if every host's name resolves)."""
-    for host in sorted({urllib.parse.urlsplit(url).hostname or "" for url in urls if url.startswith("http")}):
+    """Why `urls` cannot be downloaded from here: '' unless a host's name does not resolve (and no proxy would
+    look it up for us)."""
+    proxies = urllib.request.getproxies()
+    for url in sorted(url for url in urls if url.startswith("http")):
+        host = urllib.parse.urlsplit(url).hostname or ""
+        if urllib.parse.urlsplit(url).scheme in proxies and not urllib.request.proxy_bypass(host):
+            continue
         try:
             socket.getaddrinfo(host, None)
         except OSError as error:
@@ -266,32 +274,28 @@ def _unreachable(urls: list[str]) -> str:
     return ""
 
 
-def _check_downloadable(builder: Any, manager: Any, urls: list[str]) -> None:
-    """Raises DataError at once when tfds's download `manager` would have to download `urls` without a network:
-    tfds would retry each for about 3.5 minutes before it failed."""
-    offline = "" if _cached(builder, manager, urls) else _unreachable(urls)
-    if offline:
-        raise DataError(f"tensorflow-datasets has not prepared {builder.name!r} (in {builder.data_dir_root}) and "
-                        f"cannot download it: {offline}; {_USE_IDX_DIR}")
+@contextlib.contextmanager
+def _one_try_offline(what: str, urls: list[str]) -> Iterator[None]:
+    """Exists because tfds retries a failed download 10 times with back-off (about 3.5 minutes in all) before
+    it says that the machine has no network: where `urls` cannot be reached, it tries each once, and an error
+    names `what` and why. What tfds has prepared or keeps in its download cache is read as before."""
+    offline = _unreachable(urls)
+    if not offline:
+        yield
+        return
+    from tensorflow_datasets.core.download import downloader
 
-
-def _cached(builder: Any, manager: Any, urls: list[str]) -> bool:
-    """Whether tfds's download `manager` holds each of `urls` (registered checksums): it reads those offline."""
-    from tensorflow_datasets.core.download import resource
-
+    retries = downloader.MAX_RETRIES
+    downloader.MAX_RETRIES = 0
     try:
-        return all(resource.is_locally_cached(manager._get_dl_path(resource.Resource(url=url),  # noqa: SLF001
-                                                                   builder.url_infos[url].checksum)) for url in urls)
-    except Exception:  # tfds's internals changed: leave it to its download manager (which retries when offline)
-        return True
-
-
-def _download_manager(builder: Any) -> Any:
-    """tfds's download manager for `builder`, set up as the builder sets it up (<data_dir>/downloads/<name>)."""
-    from tensorflow_datasets.core import download
-
-    return download.DownloadManager(download_dir=builder.data_dir_root / "downloads", dataset_name=builder.name,
-                                    url_infos=builder.url_infos, force_checksums_validation=True)
+        yield
+    except Exception as error:
+        # A failed connection is what `offline` explains; another error (a damaged prepared copy) is named.
+        detail = "" if isinstance(error, OSError) else f" ({_first_line(error)})"
+        raise DataError(f"tensorflow-datasets could not read or download {what}{detail}: {offline}; "
+                        f"{_USE_IDX_DIR}") from error
+    finally:
+        downloader.MAX_RETRIES = retries
 
 
 def _download_idx(builder: Any, urls: dict[str, str]) -> Splits:
@@ -301,10 +305,15 @@ def _download_idx(builder: Any, urls: dict[str, str]) -> Splits:
     TensorFlow: set up as the builder sets it up, it keeps the files in <data_dir>/downloads/<name> (reused by later
     calls, and by tfds once TensorFlow is there) and checks tfds's registered sizes and checksums; we read the IDX.
     """
-    manager = _download_manager(builder)
-    _check_downloadable(builder, manager, list(urls.values()))
+    from tensorflow_datasets.core import download
+
     try:
-        files = {name: Path(path) for name, path in manager.download(urls).items()}
+        manager = download.DownloadManager(download_dir=builder.data_dir_root / "downloads", dataset_name=builder.name,
+                                           url_infos=builder.url_infos, force_checksums_validation=True)
+        with _one_try_offline(f"the IDX files of {builder.name!r}", list(urls.values())):
+            files = {name: Path(path) for name, path in manager.download(urls).items()}
+    except DataError:
+        raise
     except Exception as error:
         raise DataError(f"tensorflow-datasets cannot prepare {builder.name!r} without TensorFlow, and downloading its "
                         f"IDX files with its download manager failed ({type(error).__name__}: {error}); without "

@@ -397,7 +397,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     Returns:
       The final TrainState.
     Raises:
-      ValueError (bad config or data), FileExistsError (a run is in `workdir` and resume is False),
+      ValueError (bad config or data), FileExistsError (a run is in `workdir` and resume is False, or
+      `workdir` holds a config.json that no run wrote),
       RunInUseError (another process writes `workdir`), NonFiniteError (NaN/Inf in loss or parameters).
     """
     config = config.validated()

@@ -41,6 +41,11 @@ def train_blind(run_config: config.Config, workdir: str, splits: data.Splits) ->
     augmentation after every epoch)."""
     blind = splits | {"test": {k: v[:0] for k, v in splits["test"].items()}}  # an empty split is skipped
     if not checkpoint.is_finished(workdir, run_config.epochs):
+        records = checkpoint.read_records(workdir)
+        if records and records[-1].get("data_sha256") == data.fingerprint(splits):  # its test split was evaluated
+            raise ValueError(f"{workdir} holds an unfinished run that evaluated the test split after each epoch, as "
+                             "`digits-jax train` does: finish it with `digits-jax train --resume` and its config, "
+                             "or give another --workdir")
         train.train_and_evaluate(run_config, workdir, resume=True, datasets=blind)
     chosen = checkpoint.restore(workdir)  # step "best": the highest validation accuracy
     changed = chosen.config.changed_fields(run_config)

@@ -88,22 +88,22 @@ def test_a_run_with_records_but_no_checkpoint_is_not_overwritten_without_resume(
     assert (workdir / "metrics.jsonl").read_text() == records
 
 
-def test_a_directory_that_holds_other_files_is_not_made_a_run(tmp_path, tiny_config, tiny_data):
+def test_a_config_json_of_something_else_is_not_overwritten(tmp_path, tiny_config, tiny_data):
     project = tmp_path / "project"
     project.mkdir()
-    (project / "config.json").write_text("their own")
-    for name in ("notes.txt", "a", "b"):
-        (project / name).write_text("")
-    with pytest.raises(FileExistsError, match=rf"{project} is not empty \(a, b, config.json and 1 more\) and holds "
-                                              r"no run: .*choose a new or empty --workdir"):
+    (project / "config.json").write_text('{"their": "own"}')
+    with pytest.raises(FileExistsError, match=rf"{project / 'config.json'} is not a digits_jax run's config and "
+                                              rf"{project} holds no run: .*choose a new or empty --workdir"):
         train.train_and_evaluate(tiny_config.replace(epochs=1), project, resume=True, datasets=tiny_data)
-    assert sorted(p.name for p in project.iterdir()) == ["a", "b", "config.json", "notes.txt"]
-    assert (project / "config.json").read_text() == "their own"
-    # An empty directory, and one a run killed before its first checkpoint left, take a new run.
-    for workdir in (tmp_path / "empty", tmp_path / "killed"):
-        workdir.mkdir()
-    (tmp_path / "killed" / ".lock").write_text("")
-    for workdir in (tmp_path / "empty", tmp_path / "killed"):
+    assert sorted(p.name for p in project.iterdir()) == ["config.json"]
+    assert (project / "config.json").read_text() == '{"their": "own"}'
+    # Other files are no obstacle (a log redirected there, .gitkeep); nor is the config.json a run left behind.
+    for name in ("train.log", ".gitkeep"):
+        (tmp_path / "made" / name).parent.mkdir(exist_ok=True)
+        (tmp_path / "made" / name).write_text("")
+    (tmp_path / "left").mkdir()
+    (tmp_path / "left" / "config.json").write_text(tiny_config.to_json())
+    for workdir in (tmp_path / "made", tmp_path / "left"):
         train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, datasets=tiny_data)
         assert checkpoint.latest_epoch(workdir) == 1
 
@@ -139,7 +139,6 @@ def test_resume_does_not_replace_the_records_of_another_run(finished_run, tmp_pa
         train.train_and_evaluate(tiny_config.replace(seed=9), workdir, resume=True, datasets=tiny_data)
     assert (workdir / "metrics.jsonl").read_text() == records
     # The same run's records: trained again from the start, replacing them.
-    train.train_and_evaluate(tiny_config.replace(epochs=1), workdir.parent / "other", datasets=tiny_data)
     train.train_and_evaluate(tiny_config, workdir, resume=True, datasets=tiny_data)
     assert checkpoint.latest_epoch(workdir) == 2
 

@@ -223,6 +223,13 @@ def test_resume_of_a_directory_without_checkpoints_says_it_starts_anew(tmp_path,
     assert cli.main(["train", "--config", "tiny", "--workdir", str(workdir), "--data-dir", str(mnist_dir),
                      "--resume", "--set", "epochs=1"]) == 0  # finished: resuming has nothing to train
     assert "nothing to resume" not in capsys.readouterr().err
+    # A directory that is refused is refused without the notice first.
+    (tmp_path / "project").mkdir()
+    (tmp_path / "project" / "config.json").write_text('{"name": "my-app", "port": 8080}')
+    assert cli.main(["train", "--config", "tiny", "--workdir", str(tmp_path / "project"), "--data-dir",
+                     str(mnist_dir), "--resume"]) == 1
+    assert capsys.readouterr().err.startswith(f"digits-jax train: error: {tmp_path / 'project' / 'config.json'} is "
+                                              "not a digits_jax run's config")
 
 
 def test_an_empty_workdir_is_an_error_not_the_default(tmp_path, capsys, monkeypatch):

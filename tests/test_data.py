@@ -606,17 +606,39 @@ def test_an_unknown_tensorflow_datasets_name_is_one_short_line():
 
 
 @pytest.mark.parametrize("tensorflow", [False, True])
-def test_tfds_without_network_says_so_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                              tensorflow: bool) -> None:
-    """tfds itself retries each download with back-off for about 3.5 minutes before it reports the failure."""
-    requested = serve_urls(monkeypatch, {})
-    does_not_resolve(monkeypatch)
-    if tensorflow:  # installed or not, the check comes before tfds would download and prepare the dataset
+def test_tfds_without_network_tries_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                   tensorflow: bool) -> None:
+    """tfds itself retries each download 10 times with back-off, about 3.5 minutes, before it reports the failure."""
+    import urllib3
+
+    looked_up: list[str] = []
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> None:
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    monkeypatch.setattr(urllib3.util.retry.Retry, "sleep", lambda self, *args: None)  # no back-off waits here
+    if tensorflow:  # installed or not: tfds downloads before it prepares
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec",
                             lambda name, *args: object() if name == "tensorflow" else find_spec(name, *args))
-    with pytest.raises(DataError, match=r"tensorflow-datasets has not prepared 'mnist' \(in .*\) and cannot "
-                                        r"download it: the name storage.googleapis.com does not resolve \(.*Name or "
-                                        r"service not known\): no network access; give --data-dir"):
+    with pytest.raises(DataError, match=r"could not read or download (the IDX files of )?'mnist': the name "
+                                        r"storage.googleapis.com does not resolve \(.*Name or service not known\): "
+                                        r"no network access; give --data-dir"):
         load_tfds("mnist", data_dir=tmp_path)
-    assert requested == []  # tfds's downloader was never asked
+    # Our check (once per download attempt at most), then one try per file: tfds alone looked up 11 times per file.
+    assert set(looked_up) == {"storage.googleapis.com"} and len(looked_up) <= 2 + len(MNIST_URLS)
+
+
+def test_tfds_without_network_still_names_an_error_of_another_kind(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tensorflow_datasets as tfds
+
+    def damaged(*args: object, **kwargs: object) -> None:
+        raise NotImplementedError("no data source for the tfrecord format")
+
+    monkeypatch.setattr(tfds, "data_source", damaged)
+    does_not_resolve(monkeypatch)
+    with pytest.raises(DataError, match=r"could not read or download 'cifar10' \(NotImplementedError: no data source "
+                                        r"for the tfrecord format\): the name .* does not resolve"):
+        load_tfds("cifar10")

@@ -101,6 +101,10 @@ def test_best_recipe_trains_without_the_test_set_and_reuses_a_finished_run(tmp_p
     saved = (train_run / "metrics.jsonl").stat().st_mtime_ns
     assert train_blind(tiny_config, str(train_run), splits).epoch == chosen.epoch
     assert (train_run / "metrics.jsonl").stat().st_mtime_ns == saved
+    # Unfinished, it cannot be finished blind (its records would mix both ways): said so, not "other data".
+    train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path / "unfinished", datasets=splits)
+    with pytest.raises(ValueError, match="holds an unfinished run that evaluated the test split after each epoch"):
+        train_blind(tiny_config, str(tmp_path / "unfinished"), splits)
 
 
 def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_path, mnist_dir):
