@@ -34,7 +34,15 @@ def initialize() -> None:
                              "process (see README, 'Several devices and hosts'), or unset it for one process")
         jax.distributed.initialize(num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
                                    process_id=int(os.environ["JAX_PROCESS_ID"]))
-    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+    # Only inside `srun`, where JAX finds the coordinator from the step's variables: a shell of `salloc -n 4`
+    # (SLURM_NTASKS 4, no step) runs one process, as does `make train` typed there.
+    elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_STEP_NODELIST" in os.environ:
+        jax.distributed.initialize()
+    elif int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1:
+        if "OMPI_MCA_orte_hnp_uri" not in os.environ:  # JAX finds the coordinator from it; Open MPI 5 sets none
+            raise ValueError("this is one of several Open MPI processes, but JAX cannot find their coordinator "
+                             "without OMPI_MCA_orte_hnp_uri (which Open MPI 5 no longer sets): set "
+                             "JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID on every process")
         jax.distributed.initialize()
 
 
@@ -47,6 +55,10 @@ def make_mesh(num_devices: int = 0) -> Mesh:
     if num_devices > len(devices):
         raise ValueError(f"config.num_devices = {num_devices}, but only {len(devices)} {devices[0].platform} "
                          "devices are visible: lower it (0 uses all)")
+    if jax.process_count() > 1 and num_devices not in (0, len(devices)):
+        # The first devices may all be process 0's, and a process without any fails in JAX with no word of why.
+        raise ValueError(f"config.num_devices = {num_devices} in a job of {jax.process_count()} processes: each "
+                         f"takes part with all its devices; leave it 0 (all {len(devices)})")
     return Mesh(np.array(devices[:num_devices or len(devices)]), (DATA_AXIS,))
 
 

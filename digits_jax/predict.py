@@ -16,6 +16,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
 
 from digits_jax import checkpoint, ensemble
 
@@ -24,8 +25,16 @@ BOX = 20  # MNIST's digits fit a BOX x BOX square inside it
 CENTRE = 14.0  # MNIST's mean centre of mass, in pixel indices (0..27), on both axes
 MIN_CONTRAST = 0.1  # ink must differ from the background by this fraction of full scale, or there is none
 NOISE_FLOOR = 0.2  # ink fainter than this fraction of the strongest stroke is background noise (paper, JPEG)
+# Ink that fills this much of a box wider than half its height may be a page whose surroundings were taken for
+# the background (MNIST's digits fill at most 0.78 of such boxes): tried again with the most common level.
+PAGE_FILL = 0.6
+MAX_FILL = 0.85  # ... and is a page, not a digit, if it still fills this much
+MIN_INSIDE = 0.05  # then ink touching the image's edge is a frame or desk if this share of the ink is clear of it
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's convert("L")
 MAX_BATCH = 1024  # images per model call: its activations take about 100 kB an image (5x with tta_shift)
+# Larger images are reduced (by a whole factor, averaging) when decoded: `preprocess` works in float64 on every
+# pixel, and a 4096 x 4096 RGBA image took 1 GB there.
+MAX_SIDE = 1024
 
 
 class UnknownScaleError(ValueError):
@@ -68,28 +77,36 @@ def to_array(image: Image.Image) -> np.ndarray:
     """A decoded Pillow image, turned upright as its EXIF orientation says, as an array for `preprocess`.
 
     Returns:
-      (H, W) uint8 gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA; 16-bit gray as (H, W) float32 in [0, 1];
+      (H, W) uint8 gray, (H, W, 3) uint8 RGB or (H, W, 4) uint8 RGBA, reduced by a whole factor (block means) to at
+      most MAX_SIDE pixels a side; 16-bit gray as (H, W) float32 in [0, 1];
       float gray (mode F) as stored, (H, W) float32, which `preprocess` reads as [0, 1] or, above 1, [0, 255].
       32-bit integer gray (mode I) is read as 8-bit when its values fit 0..255, else as 16-bit.
     Raises:
       UnknownScaleError (a ValueError) for 32-bit integer gray with values outside 0..65535.
     """
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("L", "RGB", "RGBA", "F"):
+    if image.mode not in ("L", "RGB", "RGBA", "F") and not image.mode.startswith("I"):
+        has_alpha = "A" in image.mode or "transparency" in image.info
+        image = image.convert("RGBA" if has_alpha else "RGB")
+    factor = -(-max(image.size) // MAX_SIDE)
+    if factor > 1 and not image.mode.startswith("I;16"):  # Pillow cannot reduce those: done on the values below
+        image = image.reduce(factor)
+    if not image.mode.startswith("I"):
         return np.asarray(image)
-    if image.mode.startswith("I"):
-        values = np.asarray(image)
-        if image.mode == "I":  # 32-bit integers: files of 8 or 16 bits a pixel decode to it, and only values tell
-            low, high = int(values.min()), int(values.max())
-            if low < 0 or high > 65535:
-                raise UnknownScaleError(f"32-bit integer pixels from {low} to {high}: only 0..255 (8-bit) and "
-                                        "0..65535 (16-bit) have a known full scale; save the image as an 8- or "
-                                        "16-bit PNG")
-            if high <= 255:
-                return values.astype(np.uint8)
-        return values.astype(np.float32) / 65535.0
-    has_alpha = "A" in image.mode or "transparency" in image.info
-    return np.asarray(image.convert("RGBA" if has_alpha else "RGB"))
+    values = np.asarray(image)
+    if image.mode == "I":  # 32-bit integers: files of 8 or 16 bits a pixel decode to it, and only values tell
+        low, high = int(values.min()), int(values.max())
+        if low < 0 or high > 65535:
+            raise UnknownScaleError(f"32-bit integer pixels from {low} to {high}: only 0..255 (8-bit) and "
+                                    "0..65535 (16-bit) have a known full scale; save the image as an 8- or "
+                                    "16-bit PNG")
+        if high <= 255:
+            return values.astype(np.uint8)
+    scaled = values.astype(np.float32) / 65535.0
+    if factor > 1:  # the mean of each factor x factor block, as Image.reduce does
+        h, w = (n // factor * factor for n in scaled.shape)
+        scaled = scaled[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+    return scaled
 
 
 def preprocess(image: np.ndarray) -> np.ndarray:
@@ -103,9 +120,14 @@ def preprocess(image: np.ndarray) -> np.ndarray:
     Raises:
       ValueError when the image has no ink (nothing stands out from the background) or an unusable shape.
     """
-    ink = _ink(_gray(image))
-    rows, cols = np.nonzero(ink)
-    digit = ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+    gray = _gray(image)
+    digit = _crop(_ink(gray, float(np.median(_border(gray)))))
+    if _fill(digit) > PAGE_FILL:  # the image's edge was a frame or a desk around the page: the page is the background
+        digit = _crop(_without_edge_clutter(_ink(gray, _modal_level(gray))))
+        if _fill(digit) > MAX_FILL:
+            raise ValueError(f"no digit found: what stands out from the background fills {digit.mean():.0%} of a "
+                             f"{digit.shape[1]} x {digit.shape[0]} box (a page on a larger background?); crop the "
+                             "image to the digit")
     digit = _scale(digit)
     return _centre(digit)[..., None]
 
@@ -152,9 +174,27 @@ def _gray(image: np.ndarray) -> np.ndarray:
     return alpha * gray + (1.0 - alpha) * backdrop
 
 
-def _ink(gray: np.ndarray) -> np.ndarray:
+def _modal_level(gray: np.ndarray) -> float:
+    """The most common gray level (of 64 bins, the median of the fullest)."""
+    counts, edges = np.histogram(gray, bins=64, range=(0.0, 1.0))
+    modal = int(counts.argmax())
+    return float(np.median(gray[(gray >= edges[modal]) & (gray <= edges[modal + 1])]))
+
+
+def _crop(ink: np.ndarray) -> np.ndarray:
+    """The smallest box around the ink."""
+    rows, cols = np.nonzero(ink)
+    return ink[rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+
+
+def _fill(digit: np.ndarray) -> float:
+    """How much cropped ink fills its box; 0 for a box less than half as wide as high (a 1 fills its own)."""
+    h, w = digit.shape
+    return float(digit.mean()) if min(h, w) > max(h, w) / 2 else 0.0
+
+
+def _ink(gray: np.ndarray, background: float) -> np.ndarray:
     """(H, W) float64 ink in [0, 1] (1 = the strongest stroke, 0 = background) from a gray image."""
-    background = float(np.median(_border(gray)))
     darker, lighter = background - gray.min(), gray.max() - background
     # Light backgrounds (paper) carry dark ink; testing which side stands out also handles mid-gray ones.
     ink = background - gray if darker > lighter else gray - background
@@ -163,6 +203,17 @@ def _ink(gray: np.ndarray) -> np.ndarray:
         raise ValueError(f"the image has no ink: nothing differs from its background (gray level {background:.2f}) "
                          f"by {MIN_CONTRAST:.0%} or more; give an image with a visible digit")
     return np.clip((ink / contrast - NOISE_FLOOR) / (1.0 - NOISE_FLOOR), 0.0, 1.0)
+
+
+def _without_edge_clutter(ink: np.ndarray) -> np.ndarray:
+    """`ink` without the strokes that touch the image's edge (a frame, the desk around a page), where at least
+    MIN_INSIDE of the ink is clear of it; a digit cropped tightly touches the edge and is kept."""
+    labels, _ = ndimage.label(ink > 0, structure=np.ones((3, 3)))
+    edge = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    at_edge = np.isin(labels, edge[edge > 0])
+    if not at_edge.any() or ink[~at_edge].sum() < MIN_INSIDE * ink.sum():
+        return ink
+    return np.where(at_edge, 0.0, ink)
 
 
 def _scale(digit: np.ndarray) -> np.ndarray:

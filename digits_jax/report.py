@@ -113,6 +113,8 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
     Returns:
       (the figure, how many of the N were wrong).
     """
+    if limit < 0:
+        raise ValueError(f"mistakes to show: {limit}; give 0 or more")
     predicted = probabilities.argmax(axis=1)
     confidence = probabilities.max(axis=1)
     wrong = np.flatnonzero(predicted != labels)
@@ -122,7 +124,8 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
     figure = Figure(figsize=(columns * 1.3, rows * 1.6 + 0.5), layout="constrained")
     figure.suptitle(f"most confident mistakes ({len(wrong)} of {len(labels):,} test images wrong)")
     if not len(shown):
-        figure.text(0.5, 0.5, "no misclassified test images", ha="center", va="center")
+        figure.text(0.5, 0.5, "none shown" if len(wrong) else "no misclassified test images", ha="center",
+                    va="center")
     for i, index in enumerate(shown):
         ax = figure.add_subplot(rows, columns, i + 1)
         ax.imshow(images[index, ..., 0], cmap="gray_r", vmin=0, vmax=255)

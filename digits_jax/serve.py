@@ -6,7 +6,8 @@
 The drawing goes through `predict.preprocess` and `Predictor.predict`, exactly as a file given to
 `digits-jax predict`. Errors are JSON {"error": message}: 400 a missing, malformed or undecodable body,
 408 a body that stops arriving before its Content-Length, 413 a body or image too large, 422 a drawing
-without ink (the page then shows "draw a digit"), 404 any other path, 405 another method.
+without ink (the page then shows "draw a digit"), 404 any other path, 405 another method (501 one HTTP does
+not define, 400 a malformed request). Up to DECODERS drawings are decoded at once; the others wait.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from digits_jax.predict import Predictor, preprocess, to_array
 
 MAX_BODY_BYTES = 2 * 1024 * 1024
 MAX_SIDE = 4096  # pixels; a small PNG can decode to an image far too large to hold in memory
+DECODERS = 4  # drawings decoded at once: a 4096 x 4096 RGBA one takes about 200 MB while it is
 ROUTES = {"/": "GET", "/predict": "POST"}
 
 
@@ -45,8 +47,11 @@ class RequestError(Exception):
 class DrawServer(ThreadingHTTPServer):
     """A ThreadingHTTPServer that serves the drawing page and answers predictions with `predictor`."""
 
+    request_queue_size = 128  # socketserver's 5 reset connections when a few dozen arrived at once
+
     def __init__(self, address: tuple[str, int], predictor: Predictor) -> None:
         self.predictor = predictor
+        self.decoding = threading.BoundedSemaphore(DECODERS)
         self.page = resources.files("digits_jax").joinpath("static/draw.html").read_bytes()
         super().__init__(address, _Handler)
 
@@ -127,7 +132,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         self._dispatch()
 
-    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_GET
+    do_POST = do_PUT = do_DELETE = do_PATCH = do_HEAD = do_OPTIONS = do_TRACE = do_CONNECT = do_GET
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        """As JSON, like every other error: http.server's own (a malformed request, an unknown method) were HTML."""
+        self.close_connection = True
+        self._send_json(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
 
     def _dispatch(self) -> None:
         path = urlsplit(self.path).path
@@ -144,7 +154,10 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(HTTPStatus.OK, "text/html; charset=utf-8", self.server.page)
             return
         try:
-            self._send_json(HTTPStatus.OK, predict_png(self.server.predictor, self._read_body()))
+            body = self._read_body()
+            with self.server.decoding:
+                answer = predict_png(self.server.predictor, body)
+            self._send_json(HTTPStatus.OK, answer)
         except RequestError as e:
             self._send_json(e.status, {"error": str(e)})
         except Exception as e:  # noqa: BLE001 -- answer the page, keep serving, and leave the trace for the operator

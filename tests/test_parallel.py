@@ -160,3 +160,36 @@ def test_put_never_aliases_its_input_so_donating_the_result_is_safe(tiny_config,
     placed = parallel.put(state, parallel.replicated(mesh))
     train.train_epoch(placed, parallel.put(tiny_data["train"], parallel.replicated(mesh)), 64, mesh)
     assert placed.step.is_deleted() and not state.step.is_deleted() and int(state.step) == 0
+
+
+@pytest.mark.parametrize("environment,joins", [
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1", "SLURM_STEP_NODELIST": "n1", "SLURM_PROCID": "0",
+      "SLURM_LOCALID": "0"}, True),  # a task of `srun -n 4`
+    ({"SLURM_NTASKS": "4", "SLURM_JOB_ID": "1", "SLURM_NODELIST": "n1"}, False),  # a shell of `salloc -n 4`
+    ({"OMPI_COMM_WORLD_SIZE": "2", "OMPI_MCA_orte_hnp_uri": "1.0;tcp://10.0.0.1:3491"}, True),
+    ({"OMPI_COMM_WORLD_SIZE": "1"}, False),
+])
+def test_initialize_joins_a_job_only_where_jax_can_find_its_coordinator(monkeypatch, environment, joins):
+    """`make train` in a `salloc -n 4` shell failed in jax.distributed with 'coordinator_address should be defined'."""
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    calls = []
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *args, **kwargs: calls.append(kwargs))
+    parallel.initialize()
+    assert calls == ([{}] if joins else [])
+
+
+def test_open_mpi_without_a_coordinator_uri_and_a_partial_mesh_of_a_job_are_refused(monkeypatch):
+    for name in [n for n in os.environ if n.startswith(("SLURM_", "OMPI_", "JAX_COORDINATOR"))]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")  # Open MPI 5 sets no OMPI_MCA_orte_hnp_uri
+    monkeypatch.setattr(jax.distributed, "is_initialized", lambda: False)
+    with pytest.raises(ValueError, match="JAX cannot find their coordinator .* set JAX_COORDINATOR_ADDRESS"):
+        parallel.initialize()
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(ValueError, match=r"config.num_devices = 1 in a job of 2 processes: .*leave it 0"):
+        parallel.make_mesh(1)
+    assert parallel.make_mesh(0).size == len(jax.devices())

@@ -74,6 +74,36 @@ def test_size_and_position_do_not_change_the_digit_much():
     assert np.abs(small - large).mean() < 12  # of 255: the same glyph, resampled from different sizes
 
 
+def test_a_dark_frame_or_desk_around_the_page_is_not_taken_for_the_background():
+    """The edge's level was the background: a frame or a desk made the page the ink and the digit a hole in it."""
+    page = render("DejaVuSans.ttf", 3, 120, (0.5, 0.5), light=True)
+    expected = preprocess(page).astype(int)
+    framed = page.copy()
+    framed[:3], framed[-3:], framed[:, :3], framed[:, -3:] = 0, 0, 0, 0
+    on_desk = np.full((CANVAS + 40, CANVAS + 40), 60, np.uint8)
+    on_desk[20:-20, 20:-20] = 235 - (255 - page) * 0.8  # a grey page, dark ink
+    for what, image in (("framed", framed), ("on a desk", on_desk)):
+        assert np.abs(preprocess(image).astype(int) - expected).mean() < 3, what
+    # A page smaller than the desk around it: not guessed at.
+    small_page = np.full((3 * CANVAS, 3 * CANVAS), 60, np.uint8)
+    small_page[CANVAS:2 * CANVAS, CANVAS:2 * CANVAS] = page
+    with pytest.raises(ValueError, match=r"no digit found: .* fills \d+% of a 200 x 200 box .*crop the image to "
+                                         "the digit"):
+        preprocess(small_page)
+
+
+def test_large_images_are_reduced_when_decoded_to_the_same_digit():
+    """A 4096 x 4096 PNG of 70 kB took 1 GB and 3 s in preprocess's float64 copies."""
+    small = render("DejaVuSans.ttf", 6, 150, (0.4, 0.5), light=True)
+    large = Image.fromarray(small).resize((4000, 4000), Image.Resampling.NEAREST)
+    array = predict.to_array(large)
+    assert array.shape == (1000, 1000) and array.dtype == np.uint8
+    assert np.abs(preprocess(array).astype(int) - preprocess(small).astype(int)).mean() < 3
+    sixteen = predict.to_array(Image.fromarray(np.asarray(large).astype(np.uint16) * 257))  # Pillow cannot reduce it
+    assert sixteen.shape == (1000, 1000) and sixteen.dtype == np.float32
+    np.testing.assert_allclose(sixteen, array / 255.0, atol=1e-6)
+
+
 def test_colour_inputs():
     coverage = render("DejaVuSans.ttf", 5, 120, (0.5, 0.5), light=False).astype(np.float64) / 255
     expected = preprocess(render("DejaVuSans.ttf", 5, 120, (0.5, 0.5), light=False))

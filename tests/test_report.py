@@ -51,6 +51,11 @@ def test_mistakes_are_the_most_confident_wrong_predictions():
     figure, wrong = report.plot_mistakes(images, labels, np.pad(probabilities, ((0, 0), (0, 2))), limit=2)
     assert wrong == 3  # rows 1, 2, 3 (row 0 is right)
     assert [ax.get_title() for ax in figure.axes] == ["true 3, said 0\n99.0% sure", "true 1, said 0\n80.0% sure"]
+    # None asked for: the figure does not say there are none; fewer than none is an error (it showed all but 1).
+    figure, wrong = report.plot_mistakes(images, labels, np.pad(probabilities, ((0, 0), (0, 2))), limit=0)
+    assert wrong == 3 and [t.get_text() for t in figure.texts][-1] == "none shown"
+    with pytest.raises(ValueError, match="mistakes to show: -1; give 0 or more"):
+        report.plot_mistakes(images, labels, probabilities, limit=-1)
 
 
 def test_report_of_a_directory_without_a_run_says_so(tmp_path, capsys):

@@ -188,12 +188,33 @@ def test_image_too_large_to_decode_is_413(server):
     ("POST", "/", 405),
     ("PUT", "/predict", 405),
     ("DELETE", "/", 405),
+    ("OPTIONS", "/", 405),
 ])
 def test_unknown_paths_are_404_and_wrong_methods_405(server, method, path, status):
     got, headers, body = request(server, path, b"x" if method in ("POST", "PUT") else None, method=method)
     assert got == status and "error" in json.loads(body)
     if status == 405:
         assert headers["Allow"] == serve.ROUTES[path]
+
+
+@pytest.mark.parametrize("request_line,status", [(b"FOO / HTTP/1.1", 501), (b"GET / HTTP/9", 505),
+                                                 (b"GET", 400)])
+def test_http_servers_own_errors_are_json_too(server, request_line, status):
+    """An unknown method or a malformed request got http.server's HTML page."""
+    with socket.create_connection(server.socket.getsockname()[:2], timeout=30) as connection:
+        connection.sendall(request_line + b"\r\nHost: x\r\n\r\n")
+        answer = b""
+        while chunk := connection.recv(65536):
+            answer += chunk
+    if status == 501:
+        head, _, answer = answer.partition(b"\r\n\r\n")
+        assert head.split()[1] == b"501" and b"application/json" in head
+    # Else its version is unknown, so http.server answers as HTTP/0.9 does: the body alone.
+    assert json.loads(answer)["error"]
+
+
+def test_the_server_queues_many_connections_and_bounds_decoding(server):
+    assert server.request_queue_size >= 64 and server.decoding._initial_value == serve.DECODERS
 
 
 def test_make_server_refuses_a_port_in_use_with_a_hint(predictor, server):
