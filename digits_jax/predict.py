@@ -28,12 +28,13 @@ NOISE_FLOOR = 0.2  # ink fainter than this fraction of the strongest stroke is b
 # Ink that fills this much of a box wider than half its height may be a page whose surroundings were taken for
 # the background (MNIST's digits fill at most 0.78 of such boxes): tried again with the most common level.
 PAGE_FILL = 0.6
-MAX_FILL = 0.85  # ... and is a page, not a digit, if it still fills this much
+RECTANGLE = 0.97  # ... if, its holes filled, it is a rectangle too (bold digits, holes filled: at most 0.94)
+MAX_FILL = 0.85  # and a retry that still fills this much is a page, not a digit
 MIN_INSIDE = 0.05  # then ink touching the image's edge is a frame or desk if this share of the ink is clear of it
 LUMA = np.array([0.299, 0.587, 0.114])  # ITU-R BT.601, as PIL's convert("L")
 MAX_BATCH = 1024  # images per model call: its activations take about 100 kB an image (5x with tta_shift)
 # Larger images are reduced (by a whole factor, averaging) when decoded: `preprocess` works in float64 on every
-# pixel, and a 4096 x 4096 RGBA image took 1 GB there.
+# pixel, and a 4096 x 4096 RGBA image took 1 GB there. (A stroke much thinner than the factor fades with it.)
 MAX_SIDE = 1024
 
 
@@ -91,6 +92,7 @@ def to_array(image: Image.Image) -> np.ndarray:
     factor = -(-max(image.size) // MAX_SIDE)
     if factor > 1 and not image.mode.startswith("I;16"):  # Pillow cannot reduce those: done on the values below
         image = image.reduce(factor)
+        factor = 1
     if not image.mode.startswith("I"):
         return np.asarray(image)
     values = np.asarray(image)
@@ -104,8 +106,10 @@ def to_array(image: Image.Image) -> np.ndarray:
             return values.astype(np.uint8)
     scaled = values.astype(np.float32) / 65535.0
     if factor > 1:  # the mean of each factor x factor block, as Image.reduce does
-        h, w = (n // factor * factor for n in scaled.shape)
-        scaled = scaled[:h, :w].reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
+        # Edge rows and columns repeated to whole blocks, as Image.reduce keeps the partial ones.
+        scaled = np.pad(scaled, [(0, -n % factor) for n in scaled.shape], mode="edge")
+        h, w = scaled.shape
+        scaled = scaled.reshape(h // factor, factor, w // factor, factor).mean(axis=(1, 3))
     return scaled
 
 
@@ -122,7 +126,8 @@ def preprocess(image: np.ndarray) -> np.ndarray:
     """
     gray = _gray(image)
     digit = _crop(_ink(gray, float(np.median(_border(gray)))))
-    if _fill(digit) > PAGE_FILL:  # the image's edge was a frame or a desk around the page: the page is the background
+    if _fill(digit) > PAGE_FILL and _fill(ndimage.binary_fill_holes(digit > 0).astype(float)) >= RECTANGLE:
+        # A page, its digit a hole in it: the image's edge was a frame or a desk around it, not the background.
         digit = _crop(_without_edge_clutter(_ink(gray, _modal_level(gray))))
         if _fill(digit) > MAX_FILL:
             raise ValueError(f"no digit found: what stands out from the background fills {digit.mean():.0%} of a "

@@ -136,6 +136,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
         """As JSON, like every other error: http.server's own (a malformed request, an unknown method) were HTML."""
+        self.log_error("code %d, message %s", code, message)
         self.close_connection = True
         self._send_json(HTTPStatus(code), {"error": message or HTTPStatus(code).phrase})
 

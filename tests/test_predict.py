@@ -92,6 +92,22 @@ def test_a_dark_frame_or_desk_around_the_page_is_not_taken_for_the_background():
         preprocess(small_page)
 
 
+@pytest.mark.parametrize("digit", [0, 6, 8, 9])
+def test_a_bold_digit_filling_its_box_is_not_taken_for_a_page(digit):
+    """A first version took the ink of bold digits cropped tightly for the background: only their holes were left."""
+    font = FONT_DIR / "DejaVuSans-Bold.ttf"
+    if not font.exists():
+        pytest.skip(f"font {font} not installed (Debian package fonts-dejavu-core)")
+    face = ImageFont.truetype(str(font), 100)
+    left, top, right, bottom = face.getbbox(str(digit), stroke_width=4)
+    image = Image.new("L", (right - left, bottom - top), 255)
+    ImageDraw.Draw(image).text((-left, -top), str(digit), fill=0, font=face, stroke_width=4, stroke_fill=0)
+    tight = np.asarray(image)
+    ink = preprocess(tight).astype(int)
+    assert (ink > 0).mean() > 0.3  # the strokes, not the holes between them
+    assert np.abs(ink - preprocess(np.pad(tight, 40, constant_values=255)).astype(int)).mean() < 8
+
+
 def test_large_images_are_reduced_when_decoded_to_the_same_digit():
     """A 4096 x 4096 PNG of 70 kB took 1 GB and 3 s in preprocess's float64 copies."""
     small = render("DejaVuSans.ttf", 6, 150, (0.4, 0.5), light=True)
@@ -102,6 +118,15 @@ def test_large_images_are_reduced_when_decoded_to_the_same_digit():
     sixteen = predict.to_array(Image.fromarray(np.asarray(large).astype(np.uint16) * 257))  # Pillow cannot reduce it
     assert sixteen.shape == (1000, 1000) and sixteen.dtype == np.float32
     np.testing.assert_allclose(sixteen, array / 255.0, atol=1e-6)
+    # 32-bit integers above 255 (16-bit values) are reduced once, not again as 16-bit.
+    wide = predict.to_array(Image.fromarray(np.asarray(large).astype(np.int32) * 257, "I"))
+    assert wide.shape == (1000, 1000)
+    # Partial blocks at the edge are kept, as Image.reduce keeps them: ink in the last column stays.
+    edge = np.zeros((1025, 1025), np.uint16)
+    edge[:, -1] = 65535
+    for image in (Image.fromarray(edge), Image.fromarray((edge // 257).astype(np.uint8))):
+        reduced = predict.to_array(image)
+        assert reduced.shape == (513, 513) and reduced[:, -1].min() > 0
 
 
 def test_colour_inputs():

@@ -197,9 +197,9 @@ def test_unknown_paths_are_404_and_wrong_methods_405(server, method, path, statu
         assert headers["Allow"] == serve.ROUTES[path]
 
 
-@pytest.mark.parametrize("request_line,status", [(b"FOO / HTTP/1.1", 501), (b"GET / HTTP/9", 505),
+@pytest.mark.parametrize("request_line,status", [(b"FOO / HTTP/1.1", 501), (b"GET / HTTP/9", 400),
                                                  (b"GET", 400)])
-def test_http_servers_own_errors_are_json_too(server, request_line, status):
+def test_http_servers_own_errors_are_json_too(server, request_line, status, capsys):
     """An unknown method or a malformed request got http.server's HTML page."""
     with socket.create_connection(server.socket.getsockname()[:2], timeout=30) as connection:
         connection.sendall(request_line + b"\r\nHost: x\r\n\r\n")
@@ -211,10 +211,36 @@ def test_http_servers_own_errors_are_json_too(server, request_line, status):
         assert head.split()[1] == b"501" and b"application/json" in head
     # Else its version is unknown, so http.server answers as HTTP/0.9 does: the body alone.
     assert json.loads(answer)["error"]
+    assert f"code {status}, message" in capsys.readouterr().err  # logged for the operator, as before
 
 
-def test_the_server_queues_many_connections_and_bounds_decoding(server):
-    assert server.request_queue_size >= 64 and server.decoding._initial_value == serve.DECODERS
+def test_at_most_decoders_drawings_are_decoded_at_once(server, monkeypatch):
+    """Each decode of a large drawing takes about 200 MB: dozens at once ran the server out of memory."""
+    inside, most, release = [], [], threading.Event()
+    lock = threading.Lock()
+
+    def slow_predict_png(predictor, body):
+        with lock:
+            inside.append(1)
+            most.append(len(inside))
+        release.wait(30)
+        with lock:
+            inside.pop()
+        return {"digit": 0, "probabilities": [0.1] * 10}
+
+    monkeypatch.setattr(serve, "predict_png", slow_predict_png)
+    clients = [threading.Thread(target=request, args=(server, "/predict", b"x")) for _ in range(serve.DECODERS + 2)]
+    for client in clients:
+        client.start()
+    deadline = time.monotonic() + 30
+    while len(most) < serve.DECODERS and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # the other two would be inside by now without the limit
+    assert max(most) == serve.DECODERS
+    release.set()
+    for client in clients:
+        client.join(30)
+    assert len(most) == serve.DECODERS + 2 and server.request_queue_size >= 64
 
 
 def test_make_server_refuses_a_port_in_use_with_a_hint(predictor, server):
