@@ -328,7 +328,9 @@ def is_finished(workdir: str | Path, epochs: int) -> bool:
     if not saved or saved[-1] >= epochs:
         return bool(saved)
     records = read_records(workdir)
-    return records[-1]["epoch"] >= epochs and best_record(records)["epoch"] in saved if records else False
+    if not records:
+        return False
+    return records[-1]["epoch"] >= epochs and best_record(records)["epoch"] in saved
 
 
 @dataclasses.dataclass

@@ -263,9 +263,9 @@ def _unreachable(urls: list[str]) -> str:
     """Why `urls` cannot be downloaded from here: '' unless a host's name does not resolve (and no proxy would
     look it up for us)."""
     proxies = urllib.request.getproxies()
-    for url in sorted(url for url in urls if url.startswith("http")):
-        host = urllib.parse.urlsplit(url).hostname or ""
-        if urllib.parse.urlsplit(url).scheme in proxies and not urllib.request.proxy_bypass(host):
+    for scheme, host in sorted({(parts.scheme, parts.hostname or "") for parts in map(urllib.parse.urlsplit, urls)
+                                if parts.scheme in ("http", "https")}):
+        if scheme in proxies and not urllib.request.proxy_bypass(host):
             continue
         try:
             socket.getaddrinfo(host, None)

@@ -163,11 +163,12 @@ def fast_to_99(seed: int, compilation_cache: str) -> dict[str, Any]:
 
 
 def _device_counts(text: str) -> list[int]:
-    """--scaling-devices, checked before minutes of timing: each count must divide the batch of 128."""
+    """--scaling-devices, checked before minutes of timing: each count must divide the seed CNN's batch."""
+    batch = config_lib.seed().batch_size  # what `scaling` splits over the devices
     counts = [part.strip() for part in text.split(",")] if text.strip() else []
-    if not all(part.isdigit() and int(part) > 0 and 128 % int(part) == 0 for part in counts):
-        raise argparse.ArgumentTypeError(f"{text!r}: give device counts that divide the batch of 128, e.g. 1,2,4,8 "
-                                         "('' skips)")
+    if not all(part.isdigit() and int(part) > 0 and batch % int(part) == 0 for part in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: give device counts that divide the batch of {batch}, e.g. "
+                                         "1,2,4,8 ('' skips)")
     return [int(part) for part in counts]
 
 

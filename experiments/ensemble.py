@@ -57,8 +57,12 @@ def main() -> None:
     result = {split: ensemble.evaluate(members, splits[split], args.method, run_config.eval_batch_size,
                                        [r.config.tta_shift for r in restored]) for split in scored}
     shown = result[scored[-1]]  # the test split's, unless left out
-    others = (f"validation {100 * result['validation']['accuracy']:.2f}%" if "validation" in result
-              else "no validation split") if scored[-1] == "test" else "test set not scored"
+    if scored[-1] != "test":
+        others = "test set not scored"
+    elif "validation" in result:
+        others = f"validation {100 * result['validation']['accuracy']:.2f}%"
+    else:
+        others = "no validation split"
     print(f"ensemble of {len(members)} ({args.method}): {scored[-1]} accuracy {100 * shown['accuracy']:.2f}% "
           f"({others}); members "
           + ", ".join(f"{Path(w).name} {100 * a:.2f}%" for w, a in zip(workdirs, shown["member_accuracies"],
