@@ -290,12 +290,13 @@ def _one_try_offline(what: str, urls: list[str]) -> Iterator[None]:
     try:
         yield
     except Exception as error:
+        # Not restored here: tfds's download threads for the other files may not have started yet, and with
+        # 10 retries they would hold the process's exit for minutes after this error.
         # A failed connection is what `offline` explains; another error (a damaged prepared copy) is named.
         detail = "" if isinstance(error, OSError) else f" ({_first_line(error)})"
         raise DataError(f"tensorflow-datasets could not read or download {what}{detail}: {offline}; "
                         f"{_USE_IDX_DIR}") from error
-    finally:
-        downloader.MAX_RETRIES = retries
+    downloader.MAX_RETRIES = retries
 
 
 def _download_idx(builder: Any, urls: dict[str, str]) -> Splits:

@@ -10,6 +10,8 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -608,10 +610,32 @@ def test_an_unknown_tensorflow_datasets_name_is_one_short_line():
 @pytest.mark.parametrize("tensorflow", [False, True])
 def test_tfds_without_network_tries_each_file_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                    tensorflow: bool) -> None:
-    """tfds itself retries each download 10 times with back-off, about 3.5 minutes, before it reports the failure."""
+    """tfds itself retries each download 10 times with back-off, about 3.5 minutes, before it reports the failure;
+    its threads for the other files go on after the first file's error, and the process waits for them to exit."""
     import urllib3
+    from tensorflow_datasets.core.download import downloader
 
     looked_up: list[str] = []
+    # The first file's failure ends the load; the other files' downloads are held until then, so that they
+    # start after the error, as they can on a busy machine.
+    lock, released = threading.Lock(), threading.Event()
+    started: list[str] = []
+    finished: list[str] = []
+    open_url = downloader._open_url
+
+    @contextlib.contextmanager
+    def held_open_url(url: str, **kwargs: object) -> Iterator[object]:
+        with lock:
+            started.append(url)
+            first = len(started) == 1
+        if not first:
+            released.wait(timeout=60)
+        try:
+            with open_url(url, **kwargs) as opened:
+                yield opened
+        finally:
+            with lock:
+                finished.append(url)
 
     def getaddrinfo(host: str, *args: object, **kwargs: object) -> None:
         looked_up.append(host)
@@ -619,6 +643,7 @@ def test_tfds_without_network_tries_each_file_once(tmp_path: Path, monkeypatch: 
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(urllib3.util.retry.Retry, "sleep", lambda self, *args: None)  # no back-off waits here
+    monkeypatch.setattr(downloader, "_open_url", held_open_url)
     if tensorflow:  # installed or not: tfds downloads before it prepares
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec",
@@ -627,6 +652,11 @@ def test_tfds_without_network_tries_each_file_once(tmp_path: Path, monkeypatch: 
                                         r"storage.googleapis.com does not resolve \(.*Name or service not known\): "
                                         r"no network access; give --data-dir"):
         load_tfds("mnist", data_dir=tmp_path)
+    released.set()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (len(started) < len(MNIST_URLS) or len(finished) < len(started)):
+        time.sleep(0.01)
+    assert sorted(finished) == sorted(MNIST_URLS)
     # Our check (once per download attempt at most), then one try per file: tfds alone looked up 11 times per file.
     assert set(looked_up) == {"storage.googleapis.com"} and len(looked_up) <= 2 + len(MNIST_URLS)
 
