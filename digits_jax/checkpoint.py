@@ -23,6 +23,7 @@ import json
 import logging
 import numbers
 import os
+import re
 import shutil
 import socket
 import time
@@ -54,6 +55,10 @@ class RunInUseError(RuntimeError):
 class ModelNeededError(ValueError):
     """The run was trained with another model than the one given: a Flax module from Python (`restore` needs it
     as `model=`), or config.model's where this call gives a module."""
+
+
+class _OtherDataError(ValueError):
+    """A run is resumed on other data than it was trained on (told apart from a config this version cannot use)."""
 
 
 class CheckpointSkippedWarning(UserWarning):
@@ -165,20 +170,21 @@ class RunDir:
         def name(model: str | None) -> str:
             return f"the module {model} given from Python" if model else f"config.model {self.config.model!r}"
 
-        def abstract_state(meta: Any) -> Any:  # checked before the state is read: another tree would fail first
-            trained = meta.record.get("custom_model")
+        def abstract_state(meta: Any) -> Any:  # checked before the state is read: other data or another tree
+            trained = meta.record.get("custom_model")  # would fail there first, as a shape or structure mismatch
             if trained != custom_model:
                 raise ModelNeededError(f"cannot resume {self.path}: it was trained with {name(trained)}, this call "
                                        f"gives {name(custom_model)}; resume with the same model")
+            trained_on = meta.record.get("data_sha256")
+            if data_sha256 is not None and trained_on is not None and trained_on != data_sha256:
+                raise _OtherDataError(f"cannot resume {self.path}: the data differ from what it was trained on "
+                                       f"(SHA-256 {data_sha256[:12]}... now, {trained_on[:12]}... then); give the "
+                                       "same --data-dir or $DIGITS_JAX_DATA_DIR as the run had, or start a new "
+                                       "--workdir")
             return abstract
 
         steps = sorted(self.manager.all_steps(), reverse=True)
         epoch, state, meta = _restore_intact(self.manager, steps, abstract_state, self.path / CHECKPOINTS)
-        trained_on = meta.record.get("data_sha256")
-        if data_sha256 is not None and trained_on is not None and trained_on != data_sha256:
-            raise ValueError(f"cannot resume {self.path}: the data differ from what it was trained on (SHA-256 "
-                             f"{data_sha256[:12]}... now, {trained_on[:12]}... then); give the same --data-dir or "
-                             "$DIGITS_JAX_DATA_DIR as the run had, or start a new --workdir")
         # The checkpoint's own record replaces a lost or stale line for its epoch.
         checkpoint_record = {k: v for k, v in meta.record.items() if k != "state_sha256"}
         self.records = [r for r in read_records(self.path) if r["epoch"] < epoch] + [checkpoint_record]
@@ -438,7 +444,7 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
             continue
         try:
             target = ocp.args.StandardRestore(abstract_state(meta))
-        except ModelNeededError:
+        except (ModelNeededError, _OtherDataError):
             raise
         except ValueError as error:  # Not damage: a config this version cannot build (e.g. a newer field).
             raise ValueError(f"{where} was saved with a config this digits_jax cannot use: {error}. Restore it "
@@ -455,6 +461,13 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
                 raise ValueError(f"{where} holds a train state of another structure than the one built to restore "
                                  "it: pass the model= and tx= it was trained with (or the same config: e.g. "
                                  "ema_decay changes the state), or it was saved by an older digits_jax") from error
+            shapes = re.search(r"Requested shape: (\(.*?\)) is not compatible with the stored shape: (\(.*?\))",
+                               str(error))
+            if shapes:  # not damage either: a model of another width, or images of another size
+                raise ValueError(f"{where} holds arrays of other shapes than the train state built to restore it "
+                                 f"(an array of shape {shapes[2]} in the checkpoint, {shapes[1]} asked for): give "
+                                 "images of the size it was trained on and the same model (width, num_classes)"
+                                 ) from error
             _warn_skipped(where, error)
     others = sorted(set(manager.all_steps()) - set(steps))
     if others:  # an epoch asked for by number is damaged, others are there

@@ -67,6 +67,11 @@ class Config:
                 raise ValueError(f"config.{spec.name} = {value!r}: must be {kind}" + (" or None" if optional else ""))
             if float in wanted and not math.isfinite(float(value)):
                 raise ValueError(f"config.{spec.name} = {value!r}: must be a finite number")
+        # The name is the default run directory's last part (runs/NAME): "" or ".." would put a run's files in runs/
+        # or the project folder, and a "/" somewhere else.
+        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\"):
+            raise ValueError(f"config.name = {self.name!r}: must be a plain name (no '/', not empty, '.' or '..'); "
+                             "it names the run directory runs/NAME")
         for field, minimum in (("batch_size", 1), ("epochs", 1), ("eval_batch_size", 1), ("num_classes", 2),
                                ("keep_checkpoints", 1), ("validation_size", 0), ("num_devices", 0),
                                ("tta_shift", 0), ("clean_epochs", 0)):

@@ -189,6 +189,26 @@ def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tin
         train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, resume=True, datasets=tiny_data)
 
 
+class WiderMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(12)(x.reshape(x.shape[0], -1))
+
+
+def test_a_module_of_other_shapes_is_named_not_called_damaged(tmp_path, tiny_config, tiny_data):
+    workdir = tmp_path / "mlp"
+    train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, model=TinyMLP(), datasets=tiny_data)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checkpoint.CheckpointSkippedWarning)
+        with pytest.raises(ValueError, match=r"checkpoints/1 holds arrays of other shapes than the train state "
+                                             r"built to restore it \(an array of shape \((784, )?10,?\) in the "
+                                             r"checkpoint, \((784, )?12,?\) asked for\): give images of the size it "
+                                             r"was trained on"):  # the bias's or the kernel's: read concurrently
+            with pytest.warns(UserWarning, match="restoring it into tests.test_checkpoint.WiderMLP"):
+                checkpoint.restore(workdir, model=WiderMLP())
+    assert (workdir / "checkpoints" / "1").is_dir()
+
+
 def test_a_registered_model_given_explicitly_is_not_recorded_as_custom(tmp_path, tiny_config, tiny_data):
     model = models.create(tiny_config.model, tiny_config.num_classes)
     train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, model=model, datasets=tiny_data)

@@ -37,6 +37,10 @@ from digits_jax import config
     ({"decay_rate": 0.0}, r"config.decay_rate = 0.0"),
     ({"clean_epochs": 6}, r"config.clean_epochs = 6: must be below epochs \(6\); for no augmentation at all set"),
     ({"clean_epochs": -1}, r"config.clean_epochs = -1: must be an integer >= 0"),
+    ({"name": ""}, r"config.name = '': must be a plain name \(no '/', not empty, '.' or '..'\); it names the run "
+                   r"directory runs/NAME"),
+    ({"name": ".."}, r"config.name = '..': must be a plain name"),
+    ({"name": "a/b"}, r"config.name = 'a/b': must be a plain name"),
 ])
 def test_impossible_values_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

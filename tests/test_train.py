@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import warnings
 
 import flax.linen as nn
 import jax
@@ -274,6 +275,13 @@ def test_resume_on_different_data_is_refused(tmp_path, tiny_config, tiny_data):
     other["train"]["label"] = np.roll(other["train"]["label"], 1)
     with pytest.raises(ValueError, match=r"the data differ from what it was trained on"):
         train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=other)
+    # Images of another size would not fit the saved arrays: still told as other data, no checkpoint called damaged.
+    cropped = {split: {"image": arrays["image"][:, 2:-2, 2:-2], "label": arrays["label"]}
+               for split, arrays in tiny_data.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checkpoint.CheckpointSkippedWarning)
+        with pytest.raises(ValueError, match=r"the data differ from what it was trained on"):
+            train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=cropped)
     train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, resume=True, datasets=tiny_data)
     # The same data from another directory (e.g. --data-dir where $DIGITS_JAX_DATA_DIR was) resumes.
     moved = tiny_config.replace(epochs=1, data_dir=str(tmp_path / "elsewhere"))
