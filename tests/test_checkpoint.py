@@ -200,12 +200,12 @@ def test_a_module_of_other_shapes_is_named_not_called_damaged(tmp_path, tiny_con
     train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, model=TinyMLP(), datasets=tiny_data)
     with warnings.catch_warnings():
         warnings.simplefilter("error", checkpoint.CheckpointSkippedWarning)
-        with pytest.raises(ValueError, match=r"checkpoints/1 holds arrays of other shapes than the train state "
-                                             r"built to restore it \(an array of shape \((784, )?10,?\) in the "
-                                             r"checkpoint, \((784, )?12,?\) asked for\): give images of the size it "
-                                             r"was trained on"):  # the bias's or the kernel's: read concurrently
-            with pytest.warns(UserWarning, match="restoring it into tests.test_checkpoint.WiderMLP"):
-                checkpoint.restore(workdir, model=WiderMLP())
+        other_shapes = (r"checkpoints/1 holds arrays of other shapes than the train state built to restore it "
+                        r"\(an array of shape \((784, )?10,?\) in the checkpoint, \((784, )?12,?\) asked for\): "
+                        r"give images of the size it was trained on")  # the bias's or the kernel's: read concurrently
+        with (pytest.raises(ValueError, match=other_shapes),
+              pytest.warns(UserWarning, match="restoring it into tests.test_checkpoint.WiderMLP")):
+            checkpoint.restore(workdir, model=WiderMLP())
     assert (workdir / "checkpoints" / "1").is_dir()
 
 
