@@ -366,9 +366,9 @@ def _to_arrays(source: Any, origin: str) -> Split:
 
 
 def check(splits: Splits, num_classes: int, origins: dict[str, str] | None = None) -> None:
-    """Raises DataError unless `splits` holds 'train', 'validation' and 'test', each {'image': (N, H, W, C) uint8,
-    'label': (N,) integers in [0, num_classes)}, with the same (H, W, C) in every split. `origins` names each
-    split's source in the messages (default: "the SPLIT split")."""
+    """Raises DataError unless `splits` holds 'train', 'validation' and 'test', each as `check_split` wants,
+    with the same (H, W, C) in every split. `origins` names each split's source in the messages (default: "the
+    SPLIT split")."""
     shapes = {}
     for split in ("train", "validation", "test"):
         origin = (origins or {}).get(split, f"the {split} split")
@@ -376,23 +376,31 @@ def check(splits: Splits, num_classes: int, origins: dict[str, str] | None = Non
         if arrays is None or "image" not in arrays or "label" not in arrays:
             raise DataError(f"{origin}: missing; give 'train', 'validation' and 'test', each {{'image', 'label'}} "
                             "(a split may have 0 rows)")
-        images, labels = np.asarray(arrays["image"]), np.asarray(arrays["label"])
-        if images.dtype != np.uint8 or images.ndim != 4:
-            raise DataError(f"{origin}: images are {images.dtype} of shape {images.shape}; give uint8 pixels 0-255 "
-                            "shaped (N, height, width, channels): the model scales them itself")
-        if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
-            raise DataError(f"{origin}: labels are {labels.dtype} of shape {labels.shape} for {len(images)} images; "
-                            "give one integer class per image")
+        check_split(arrays, origin, num_classes)
+        shapes[origin] = arrays["image"].shape[1:]
+    if len(set(shapes.values())) > 1:
+        raise DataError("the splits' images differ in size (height, width, channels): "
+                        f"{'; '.join(f'{o} {shape}' for o, shape in shapes.items())}; a model takes one size: "
+                        "give every split the same")
+
+
+def check_split(arrays: dict[str, Any], origin: str, num_classes: int | None = None) -> None:
+    """Raises DataError, naming `origin`, unless `arrays` is {'image': (N, H, W, C) uint8, 'label': (N,) integers}
+    (NumPy or device arrays), the labels in [0, num_classes) when it is given (that check reads them)."""
+    images, labels = (a if hasattr(a, "dtype") else np.asarray(a) for a in (arrays["image"], arrays["label"]))
+    if images.dtype != np.uint8 or images.ndim != 4:
+        raise DataError(f"{origin}: images are {images.dtype} of shape {images.shape}; give uint8 pixels 0-255 "
+                        "shaped (N, height, width, channels): the model scales them itself")
+    if labels.ndim != 1 or len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer):
+        raise DataError(f"{origin}: labels are {labels.dtype} of shape {labels.shape} for {len(images)} images; "
+                        "give one integer class per image")
+    if num_classes is not None:
+        labels = np.asarray(labels)
         bad = labels[(labels < 0) | (labels >= num_classes)]
         if bad.size:
             examples = sorted(set(bad[:10].tolist()))
             raise DataError(f"{origin}: {bad.size} labels outside [0, {num_classes}) (e.g. {examples}); set "
                             "config.num_classes to cover them or fix the labels")
-        shapes[origin] = images.shape[1:]
-    if len(set(shapes.values())) > 1:
-        raise DataError("the splits' images differ in size (height, width, channels): "
-                        f"{'; '.join(f'{o} {shape}' for o, shape in shapes.items())}; a model takes one size: "
-                        "give every split the same")
 
 
 def with_source(config: Config, data_dir: str | None = None, dataset: str | None = None) -> Config:

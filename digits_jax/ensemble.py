@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from digits_jax import train
+from digits_jax import data, train
 
 METHODS = ("mean", "vote")
 Member = tuple[Callable[..., jax.Array], Any]  # (apply_fn, variables), as TrainState.apply_fn and .variables
@@ -71,6 +71,7 @@ def evaluate(members: Sequence[Any], eval_data: dict[str, np.ndarray], method: s
     shifts = per_member if np.ndim(tta_shift) else per_member * len(members)
     if len(shifts) != len(members):
         raise ValueError(f"{len(shifts)} tta_shift values for {len(members)} ensemble members: give one per member")
+    data.check_split(eval_data, "ensemble.evaluate()'s eval_data")
     labels = np.asarray(eval_data["label"])
     if not len(labels):
         raise ValueError("ensemble.evaluate() needs at least one example")

@@ -77,7 +77,10 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
       non-parameter collections, options those of epoch 0 (a loop of your own replaces them with each epoch's
       `train_options` when `config.clean_epochs` is set).
     """
-    variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
+    logits, variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
+    if logits.shape[-1] != config.num_classes:  # the loss would ignore the classes beyond it, or miscount
+        raise ValueError(f"the model gives {logits.shape[-1]} logits per image, config.num_classes is "
+                         f"{config.num_classes}: give a model with one output per class, or set num_classes")
     params = variables.pop("params")
     opt_state, ema_params = _init_optimizer(tx, params, bool(config.ema_decay))
     # Counters from NumPy: made with jnp, each would be one more small compile at start-up.
@@ -98,9 +101,11 @@ def train_options(config: Config, epoch: int) -> TrainOptions:
 # (~20 ms each; ~2.5 s in all for the model's random initialisation). So initialisation is one program per
 # (model, image shape), shared by every call, and the optimizer's is one program per call.
 @functools.partial(jax.jit, static_argnames=("model", "image_shape"))
-def _init_variables(model: nn.Module, key: jax.Array, image_shape: tuple[int, ...]) -> tuple[dict[str, Any], jax.Array]:
+def _init_variables(model: nn.Module, key: jax.Array,
+                    image_shape: tuple[int, ...]) -> tuple[jax.Array, dict[str, Any], jax.Array]:
     init_key, rng = jax.random.split(key)
-    return dict(model.init(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)), rng
+    logits, variables = model.init_with_output(init_key, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+    return logits, dict(variables), rng
 
 
 def _init_optimizer(tx: optax.GradientTransformation, params: Any, ema: bool) -> tuple[Any, Any]:
@@ -316,6 +321,7 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
     Returns:
       EvalResult: accuracy (fraction of all N), mean loss, count N, (C, C) int confusion, per-class accuracy.
     """
+    data.check_split(eval_data, "evaluate()'s eval_data")  # (N, 1) labels broadcast into a wrong accuracy
     n = len(eval_data["label"])
     if n == 0:
         raise ValueError("evaluate() needs at least one example")

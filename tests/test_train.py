@@ -212,12 +212,33 @@ def test_float_images_are_refused_by_evaluate_train_step_and_ensembles(tiny_conf
     state = fresh_state(tiny_config, tiny_data)
     scaled = {"image": tiny_data["test"]["image"][:64] / np.float32(255), "label": tiny_data["test"]["label"][:64]}
     message = r"images must be uint8 pixels 0-255 .*got float32"
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"evaluate\(\)'s eval_data: images are float32 of shape \(64, 28, 28, 1\); "
+                                         r"give uint8 pixels 0-255"):
         train.evaluate(state.apply_fn, state.variables, scaled, 32)
     with pytest.raises(ValueError, match=message):
         train.train_step(state, scaled)
     with pytest.raises(ValueError, match=message):
         ensemble.probabilities(state.apply_fn, state.variables, scaled["image"], 32)
+
+
+@pytest.mark.parametrize("labels", [lambda y: y[:, None], lambda y: y[:1], lambda y: y.astype(np.float32)])
+def test_evaluate_and_ensembles_refuse_labels_that_are_not_one_per_image(tiny_config, tiny_data, labels):
+    """(N, 1) labels broadcast against (N,) predictions: evaluate() scored an accuracy of 101.8 on 2,000 images."""
+    state = fresh_state(tiny_config, tiny_data)
+    given = {"image": tiny_data["test"]["image"][:64], "label": labels(tiny_data["test"]["label"][:64])}
+    with pytest.raises(data.DataError, match=r"evaluate\(\)'s eval_data: labels are .* for 64 images; give one "
+                                             r"integer class per image"):
+        train.evaluate(state.apply_fn, state.variables, given, 32)
+    with pytest.raises(data.DataError, match=r"ensemble.evaluate\(\)'s eval_data: labels are"):
+        ensemble.evaluate([state], given)
+
+
+def test_a_model_with_another_number_of_outputs_than_classes_is_refused(tiny_config):
+    """A 5-output model with num_classes=10 trained on, its loss blind to labels 5-9 and its confusion 5 x 5."""
+    with pytest.raises(ValueError, match=r"the model gives 3 logits per image, config.num_classes is 10: give a "
+                                         r"model with one output per class, or set num_classes"):
+        train.create_train_state(tiny_config, Linear(), (2, 2, 1), optax.sgd(0.5))
+    assert linear_state(tiny_config).params["out"]["kernel"].shape == (4, 3)  # num_classes=3
 
 
 def test_datasets_given_are_cut_to_train_limit_and_without_validation_track_no_metric(tmp_path, tiny_config,
