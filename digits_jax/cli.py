@@ -56,7 +56,7 @@ def _eval(args: argparse.Namespace) -> int:
                             tta_shift=config.tta_shift)
     # The record's train accuracy is the running one over the epoch's augmented steps, not this model's on the split.
     recorded = restored.record.get(f"{args.split}_accuracy") if args.split != "train" else None
-    if args.dataset or (args.data_dir and restored.config.dataset != "mnist"):
+    if config.dataset != restored.config.dataset or (args.data_dir and restored.config.dataset != "mnist"):
         recorded = None  # other data than the run's (MNIST files are checked against the MNIST checksums)
     # A class without examples in the split (a small validation split) has no accuracy: null, as JSON has no NaN.
     per_class = [None if np.isnan(a) else a for a in result.per_class_accuracy.tolist()]
@@ -182,6 +182,12 @@ def _drop_closed_loop_callbacks(previous: Callable[[sys.UnraisableHookArgs], Any
         previous(unraisable)
 
 
+def _nonempty(text: str) -> str:
+    if not text:  # an unset variable in a script (--data-dir "$DIR"): not the option's default
+        raise argparse.ArgumentTypeError("empty: give a value, or leave the option out for its default")
+    return text
+
+
 DATASET_HELP = ("what --data-dir holds (default: the run's dataset); any name but mnist, e.g. custom, reads IDX "
                 "files without the MNIST checksums")
 
@@ -195,7 +201,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--config", default="default", choices=sorted(config_lib.PRESETS), help="preset to start from")
     t.add_argument("--workdir", help="run directory (default: runs/CONFIG_NAME)")
     t.add_argument("--resume", action="store_true", help="continue the run in --workdir from its newest checkpoint")
-    t.add_argument("--data-dir", help="directory of IDX files (default: $DIGITS_JAX_DATA_DIR for MNIST, else tfds)")
+    t.add_argument("--data-dir", type=_nonempty,
+                   help="directory of IDX files (default: $DIGITS_JAX_DATA_DIR for MNIST, else tfds)")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set epochs=3 (repeatable)")
     t.set_defaults(run=_train)
@@ -210,8 +217,8 @@ def parser() -> argparse.ArgumentParser:
                    help="epoch to restore (of each checkpoint), 'best' (by validation; without it the newest) or "
                    "'latest'")
     e.add_argument("--split", default="test", choices=("test", "validation", "train"))
-    e.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
-    e.add_argument("--dataset", help=DATASET_HELP)
+    e.add_argument("--data-dir", type=_nonempty, help="directory of IDX files (default: as the run was trained)")
+    e.add_argument("--dataset", type=_nonempty, help=DATASET_HELP)
     e.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     e.set_defaults(run=_eval)
 
@@ -225,8 +232,8 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="figures (learning curves, confusion, mistakes) and report.md for a run")
     rp.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="a run directory that `train` wrote")
     rp.add_argument("--out", type=Path, help="output directory (default: RUN_DIR/report)")
-    rp.add_argument("--data-dir", help="directory of IDX files (default: as the run was trained)")
-    rp.add_argument("--dataset", help=DATASET_HELP)
+    rp.add_argument("--data-dir", type=_nonempty, help="directory of IDX files (default: as the run was trained)")
+    rp.add_argument("--dataset", type=_nonempty, help=DATASET_HELP)
     rp.set_defaults(run=_report)
 
     r = sub.add_parser("runs", help="print a table comparing run directories (a folder of runs, e.g. runs/, stands "

@@ -72,6 +72,9 @@ class Config:
         if self.name in ("", ".", "..") or any(c in self.name for c in "/\\"):
             raise ValueError(f"config.name = {self.name!r}: must be a plain name (no '/', not empty, '.' or '..'); "
                              "it names the run directory runs/NAME")
+        for field in ("dataset", "data_dir"):  # "" would quietly mean the default source
+            if getattr(self, field) == "":
+                raise ValueError(f"config.{field} is empty: give a value, or leave it out for the default")
         for field, minimum in (("batch_size", 1), ("epochs", 1), ("eval_batch_size", 1), ("num_classes", 2),
                                ("keep_checkpoints", 1), ("validation_size", 0), ("num_devices", 0),
                                ("tta_shift", 0), ("clean_epochs", 0)):

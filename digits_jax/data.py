@@ -143,6 +143,8 @@ def _read_verified(path: Path, name: str, ndim: int, verify_mnist: bool) -> np.n
 def _load_idx_dir(directory: Path, verify_mnist: bool, files: tuple[str, ...] = tuple(IDX_FILES)
                   ) -> tuple[Splits, dict[str, Path]]:
     """`load_idx_dir` of the `files` splits ('train' and/or 'test'), plus each one's labels file (for messages)."""
+    if directory.is_file():
+        raise DataError(f"{directory}: a file, not a directory; give the directory that holds the IDX files")
     if not directory.is_dir():
         raise DataError(f"{directory}: data directory does not exist; create it with the MNIST IDX files "
                         f"({', '.join(name for pair in IDX_FILES.values() for name in pair)}, .gz or not) "
@@ -405,10 +407,11 @@ def check_split(arrays: dict[str, Any], origin: str, num_classes: int | None = N
 
 def with_source(config: Config, data_dir: str | None = None, dataset: str | None = None) -> Config:
     """`config` reading its data from `data_dir`, as `dataset` (any name but "mnist" skips the MNIST checksums),
-    where given: `eval`'s and `report`'s --data-dir and --dataset. With `dataset`, no training images are held
-    out (validation_size 0): another dataset's files are scored whole, however many training images they have."""
+    where given: `eval`'s and `report`'s --data-dir and --dataset. With a `dataset` other than config's, no
+    training images are held out (validation_size 0): another dataset's files are scored whole, however many
+    training images they have."""
     changes: dict[str, Any] = {"data_dir": data_dir} if data_dir else {}
-    if dataset:
+    if dataset and dataset != config.dataset:
         changes |= {"dataset": dataset, "validation_size": 0}
     return config.replace(**changes)
 

@@ -243,6 +243,27 @@ def test_an_empty_workdir_is_an_error_not_the_default(tmp_path, capsys, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("option", ["--data-dir", "--dataset"])
+def test_an_empty_data_option_is_an_error_not_the_default(cli_run, capsys, option):
+    """`eval --data-dir "$DIR" --dataset custom` with DIR unset scored the run's own MNIST test set as "custom"."""
+    from digits_jax import cli
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["eval", "--checkpoint", str(cli_run[0]), option, ""])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: empty: give a value, or leave the option out for its default" in capsys.readouterr().err
+
+
+def test_dataset_naming_the_runs_own_is_its_default(cli_run, mnist_dir, capsys):
+    """`--dataset mnist` for an MNIST run held no validation split out and dropped the recorded accuracy."""
+    from digits_jax import cli
+
+    assert cli.main(["eval", "--checkpoint", str(cli_run[0]), "--data-dir", str(mnist_dir), "--dataset", "mnist",
+                     "--split", "validation", "--json"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    assert scored["count"] == 128 and scored["recorded_accuracy"] == scored["accuracy"]
+
+
 def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys, monkeypatch):
     """TensorStore's callbacks into Orbax's closed loop printed up to ~1,000 lines of tracebacks after the error."""
     from digits_jax import cli

@@ -41,6 +41,8 @@ from digits_jax import config
                    r"directory runs/NAME"),
     ({"name": ".."}, r"config.name = '..': must be a plain name"),
     ({"name": "a/b"}, r"config.name = 'a/b': must be a plain name"),
+    ({"dataset": ""}, r"config.dataset is empty: give a value, or leave it out for the default"),
+    ({"data_dir": ""}, r"config.data_dir is empty"),
 ])
 def test_impossible_values_are_named(changes, message):
     with pytest.raises(ValueError, match=message):

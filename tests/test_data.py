@@ -119,6 +119,13 @@ def test_missing_directory(tmp_path: Path) -> None:
     assert str(tmp_path / "nowhere") in str(info.value)
 
 
+def test_a_file_given_as_the_directory(tmp_path: Path) -> None:
+    (tmp_path / "mnist.npz").write_bytes(b"")
+    with pytest.raises(DataError, match=r"mnist.npz: a file, not a directory; give the directory that holds the IDX "
+                                        r"files"):
+        load_idx_dir(tmp_path / "mnist.npz", verify_mnist=False)
+
+
 def test_missing_file(tmp_path: Path) -> None:
     make_idx_dir(tmp_path)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
