@@ -10,9 +10,11 @@ endif
 # XLA:CPU allocates large temporaries; glibc huge pages make them much cheaper to fault in (measured in
 # ../shared/docs/PERF_NOTES.md). glibc ignores the tunable where it does not know it.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
-# GPU=1 installs jax with CUDA 12 wheels instead of the CPU build; each flavour has its own stamp.
-FLAVOUR := $(if $(GPU),cuda12,cpu)
-JAX_SPEC := $(if $(GPU),jax[cuda12],jax)
+# GPU=1 (or yes, true) installs jax with CUDA 12 wheels instead of the CPU build; each flavour has its own stamp,
+# and the CPU one removes the CUDA plugin that a GPU=1 setup left (JAX would otherwise look for a GPU).
+GPU_ON := $(filter 1 yes true,$(GPU))
+FLAVOUR := $(if $(GPU_ON),cuda12,cpu)
+JAX_SPEC := $(if $(GPU_ON),jax[cuda12],jax)
 STAMP := $(VENV)/.installed-$(FLAVOUR)
 
 .PHONY: setup train seed best ensemble ladder eval serve report fonts runs bench bench-peers profile chaos test lint clean
@@ -21,6 +23,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[test]' '$(JAX_SPEC)'
+	$(if $(GPU_ON),,$(PY) -m pip uninstall -qq --yes jax-cuda12-plugin jax-cuda12-pjrt)
 	rm -f $(VENV)/.installed-*
 	touch $@
 

@@ -6,6 +6,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import REPO, one_device
 
 
@@ -27,3 +29,16 @@ def test_readme_snippets_run(tmp_path, mnist_dir):
     assert result.returncode == 0, f"README snippet failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     assert "--- snippet 6" in result.stdout and "devices 2 test accuracy" in result.stdout
     assert "restored epoch 3" in result.stdout
+
+
+@pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("true", True), ("0", False), ("no", False),
+                                      ("", False)])
+def test_make_flags_read_0_and_no_as_off(value, on):
+    """`make train GPU=0` installed the CUDA wheels, and RESUME=0 resumed: any non-empty value was on."""
+    def plan(*assignment: str) -> str:
+        return subprocess.run(["make", "-n", "-B", *assignment], cwd=REPO, capture_output=True, text=True,
+                              check=True).stdout
+
+    setup = plan("setup", f"GPU={value}")
+    assert ("'jax[cuda12]'" in setup) == on and ("pip uninstall" in setup) != on
+    assert ("--resume" in plan("train", f"RESUME={value}")) == on
