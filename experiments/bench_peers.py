@@ -32,6 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PEERS = REPO.parent / "shared" / "peers"
 VENVS = Path.home() / ".venvs"
 REQUIREMENTS = {"peers-tf": ["tensorflow-cpu"], "peers-torch": ["torch==2.13.0", "numpy"]}
+PEER_SCRIPTS = ("keras_seed.py", "torch_seed.py", "flax_seed.py", "torch_fast.py")
 STEADY = re.compile(r"steady epoch \(mean of epochs [^)]*\): ([\d.]+) s, (\d+) img/s")
 
 
@@ -76,28 +77,28 @@ def ours(epochs: int, out: Path, *options: str) -> dict[str, Any]:
     return json.loads(ours_json.read_text())
 
 
-def peer_images_per_second(name: str, python: str, script: str, epochs: int) -> float:
-    """Steady images/s of the peer script `script` in ../shared/peers, run by `python`."""
-    return steady_images_per_second(run(name, [python, script, str(epochs)], PEERS))
+def peer_images_per_second(name: str, python: str, script: str, epochs: int, peers: Path) -> float:
+    """Steady images/s of the peer script `script` in `peers`, run by `python`."""
+    return steady_images_per_second(run(name, [python, script, str(epochs)], peers))
 
 
-def one_round(epochs: int, out: Path) -> dict[str, Any]:
+def one_round(epochs: int, out: Path, peers: Path) -> dict[str, Any]:
     tf, torch = python_for("peers-tf"), python_for("peers-torch")
     results: dict[str, Any] = {"ours": ours(epochs, out)}
     for name, python, script in (("keras", tf, "keras_seed.py"), ("pytorch", torch, "torch_seed.py"),
                                  ("naive_flax", sys.executable, "flax_seed.py")):
-        results[name] = {"images_per_second": peer_images_per_second(name, python, script, epochs)}
-    fast = run("torch_fast", [torch, "torch_fast.py", "--channels-last"], PEERS)
+        results[name] = {"images_per_second": peer_images_per_second(name, python, script, epochs, peers)}
+    fast = run("torch_fast", [torch, "torch_fast.py", "--channels-last"], peers)
     seeds = re.findall(r"seed (\d+): test_acc ([\d.]+)%.*?train ([\d.]+) s.*?process ([\d.]+) s", fast)
     results["torch_fast"] = {"seeds": [{"seed": int(s), "test_accuracy": float(a) / 100, "train_seconds": float(t),
                                         "process_seconds": float(p)} for s, a, t, p in seeds]}
     return results
 
 
-def one_pair(epochs: int, out: Path) -> dict[str, float]:
+def one_pair(epochs: int, out: Path, peers: Path) -> dict[str, float]:
     """Ours (experiments/bench.py without the fast preset) right before Keras; images/s of both and the ratio."""
     mine = ours(epochs, out, "--fast-seeds", "0", "--scaling-devices", "")["seed_cnn"]["train_images_per_second"]
-    keras = peer_images_per_second("keras", python_for("peers-tf"), "keras_seed.py", epochs)
+    keras = peer_images_per_second("keras", python_for("peers-tf"), "keras_seed.py", epochs, peers)
     return {"ours": mine, "keras": keras, "ratio": mine / keras}
 
 
@@ -117,7 +118,12 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=0, help="N > 0: only ours and Keras, alternately, N times")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "peers.json")
+    parser.add_argument("--peers", type=Path, default=PEERS, help="folder of the peer scripts (default: %(default)s)")
     args = parser.parse_args()
+    missing = [name for name in PEER_SCRIPTS if not (args.peers / name).is_file()]
+    if missing:  # found before minutes of our benchmark and the peers' installs, not after
+        raise FileNotFoundError(f"{args.peers}: no {', '.join(missing)} there; give --peers the folder of the peer "
+                                "scripts (../shared/peers beside the repository)")
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: every script's first epoch is warm-up and is not timed")
     if args.pairs < 0:
@@ -125,13 +131,13 @@ def main() -> None:
     args.out = args.out.absolute()  # bench.py runs from the repository root
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.pairs > 0:
-        pairs = [one_pair(args.epochs, args.out) for _ in range(args.pairs)]
+        pairs = [one_pair(args.epochs, args.out, args.peers) for _ in range(args.pairs)]
         args.out.write_text(json.dumps(pairs, indent=2))
         print("\nimages/s, seed CNN at batch 128 (steady epochs), ours right before Keras:")
         print(pairs_summary(pairs))
         print(f"wrote {args.out}")
         return
-    rounds = [one_round(args.epochs, args.out) for _ in range(args.rounds)]
+    rounds = [one_round(args.epochs, args.out, args.peers) for _ in range(args.rounds)]
     args.out.write_text(json.dumps(rounds, indent=2))
     print("\nimages/s, seed CNN at batch 128 (steady epochs), and ours/peer:")
     for i, r in enumerate(rounds):

@@ -167,6 +167,14 @@ def test_bench_refuses_bad_device_counts_and_missing_data_in_one_line(tmp_path):
     assert result.stderr.startswith(f"bench.py: error: {tmp_path / 'nowhere'}: data directory does not exist")
 
 
+def test_bench_peers_refuses_a_missing_peers_folder_before_timing(tmp_path):
+    """Without ../shared/peers it ran our whole benchmark (51 s) and then failed with a bare errno."""
+    result = run_script("bench_peers.py", "--pairs", "1", "--peers", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and result.stderr == (
+        f"bench_peers.py: error: {tmp_path / 'nowhere'}: no keras_seed.py, torch_seed.py, flax_seed.py, torch_fast.py "
+        "there; give --peers the folder of the peer scripts (../shared/peers beside the repository)\n")
+
+
 def test_bench_peers_pairs_summary():
     bench_peers = experiment("bench_peers")
     pairs = [{"ours": 6000.0, "keras": 5000.0, "ratio": 1.2}, {"ours": 7000.0, "keras": 4000.0, "ratio": 1.75},
