@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import os
@@ -273,9 +274,14 @@ def _use_compilation_cache() -> None:
 def reporting_errors(prog: str, run: Callable[[], int | None], interrupted: str = "") -> int:
     """Calls `run()` and returns its exit code (None: 0); bad input or state (ValueError, OSError, a run in use,
     NaN in training) is one line `PROG: error: MESSAGE` on stderr and exit code 1, not a traceback; Ctrl-C is one
-    line `PROG: interrupted` with `interrupted` (what to do next) after it, and exit code 130."""
+    line `PROG: interrupted` with `interrupted` (what to do next) after it, and exit code 130; a reader of stdout
+    that went away (`| head`) ends it quietly with exit code 141, as SIGPIPE would."""
     try:
         return run() or 0
+    except BrokenPipeError:
+        with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit would fail on the pipe too
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ValueError, OSError, RunInUseError, NonFiniteError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

@@ -243,6 +243,17 @@ def test_an_empty_workdir_is_an_error_not_the_default(tmp_path, capsys, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_closed_pipe_ends_quietly(capsys):
+    """`digits-jax eval ... | head -1` printed 'error: [Errno 32] Broken pipe' and exited 1."""
+    from digits_jax import cli
+
+    def reader_gone() -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    assert cli.reporting_errors("digits-jax eval", reader_gone) == 141
+    assert capsys.readouterr().err == ""
+
+
 @pytest.mark.parametrize("option", ["--data-dir", "--dataset"])
 def test_an_empty_data_option_is_an_error_not_the_default(cli_run, capsys, option):
     """`eval --data-dir "$DIR" --dataset custom` with DIR unset scored the run's own MNIST test set as "custom"."""
