@@ -56,6 +56,8 @@ class Conv(nn.Module):
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         if self.patches not in ("full", "by_rows", "columns", "winograd"):
             raise ValueError(f"Conv.patches must be 'full', 'by_rows', 'columns' or 'winograd'; got {self.patches!r}")
+        if self.padding not in ("VALID", "SAME"):  # lax takes "same" too: training and inference would differ
+            raise ValueError(f"Conv.padding must be 'VALID' or 'SAME'; got {self.padding!r}")
         k, s, cin = self.kernel_size, self.strides, x.shape[-1]
         if self.patches == "winograd" and (k, s) != (3, 1):
             raise ValueError(f"Conv.patches='winograd' needs kernel_size 3 and strides 1; got {k} and {s}")

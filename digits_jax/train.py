@@ -293,6 +293,7 @@ def _eval_arrays(eval_data: dict[str, Any], batch_size: int,
     """`eval_data` as `_eval_slice` takes it (padded to at least one batch, on the device or replicated over `mesh`)
     and the batch size rounded up to a multiple of the mesh's device count."""
     n = len(eval_data["label"])
+    batch_size = min(batch_size, n)  # a larger batch would only evaluate padding (40,000 rows for 128 images)
     if mesh is not None:
         batch_size = -(-batch_size // mesh.size) * mesh.size  # padding is masked, so any size is exact
     if n < batch_size:  # pad once so that every batch is a full slice of the data

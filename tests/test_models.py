@@ -138,6 +138,13 @@ def test_winograd_conv3x3_against_numpy():
     np.testing.assert_allclose(jax.jit(models.winograd_conv3x3)(x, kernel), expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("padding", ["same", "CIRCULAR"])
+def test_conv_rejects_paddings_its_training_path_does_not_make(padding):
+    """Training padded only for "SAME"; lax took "same" at inference: 10 x 10 outputs in training, 12 x 12 after."""
+    with pytest.raises(ValueError, match=f"Conv.padding must be 'VALID' or 'SAME'; got '{padding}'"):
+        models.Conv(6, padding=padding).init(jax.random.PRNGKey(0), jnp.zeros((1, 12, 12, 1)))
+
+
 def test_conv_rejects_unknown_patches_mode():
     with pytest.raises(ValueError, match="'full', 'by_rows', 'columns' or 'winograd'; got 'rows'"):
         models.Conv(6, patches="rows").init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 1)))
