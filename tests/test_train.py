@@ -241,6 +241,14 @@ def test_a_model_with_another_number_of_outputs_than_classes_is_refused(tiny_con
     assert linear_state(tiny_config).params["out"]["kernel"].shape == (4, 3)  # num_classes=3
 
 
+@pytest.mark.parametrize("model", ["seed", "bn", "strided", "s2d16"])
+def test_images_too_small_for_the_model_are_named(tiny_config, model):
+    """8 x 8 images (scikit-learn's digits) were a 39-line traceback ending in a ZeroDivisionError inside Flax."""
+    with pytest.raises(ValueError, match=r"CNN cannot take images of \(8, 8, 1\) \(height, width, channels\): its "
+                                         r"convolutions and pools leave nothing of them; give larger images"):
+        train.create_train_state(tiny_config, models.create(model, 10), (8, 8, 1), optax.sgd(0.1))
+
+
 def test_datasets_given_are_cut_to_train_limit_and_without_validation_track_no_metric(tmp_path, tiny_config,
                                                                                      tiny_data, caplog):
     """config.train_limit was recorded but ignored for data given by the caller; an empty validation split with the
