@@ -80,9 +80,9 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
     try:
         logits, variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
     except ZeroDivisionError:  # what Flax's initializers raise for a layer whose input has no elements
-        raise ValueError(f"{type(model).__name__} cannot take images of {tuple(image_shape)} (height, width, channels): "
-                         "its convolutions and pools leave nothing of them; give larger images or another model"
-                         ) from None
+        raise ValueError(f"{type(model).__name__} cannot take images of {tuple(image_shape)} (height, width, "
+                         "channels): its convolutions and pools leave nothing of them; give larger images or another "
+                         "model") from None
     if logits.shape[-1] != config.num_classes:  # the loss would ignore the classes beyond it, or miscount
         raise ValueError(f"the model gives {logits.shape[-1]} logits per image, config.num_classes is "
                          f"{config.num_classes}: give a model with one output per class, or set num_classes")
