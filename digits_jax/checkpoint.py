@@ -57,8 +57,8 @@ class ModelNeededError(ValueError):
     as `model=`), or config.model's where this call gives a module."""
 
 
-class _OtherDataError(ValueError):
-    """A run is resumed on other data than it was trained on (told apart from a config this version cannot use)."""
+class _UnusableConfigError(ValueError):
+    """A checkpoint's config this version cannot build (e.g. one with a newer field): not damage."""
 
 
 class CheckpointSkippedWarning(UserWarning):
@@ -140,12 +140,13 @@ class RunDir:
         self.manager = _manager(self.path / CHECKPOINTS, keep, track_best=self.track_best)
 
     def restore_or_start(self, state: Any, resume: bool, data_sha256: str | None = None,
-                         custom_model: str | None = None) -> Any:
+                         custom_model: str | None = None, custom_tx: bool = False) -> Any:
         """Returns `state` restored from the newest intact checkpoint when resuming, else `state` unchanged.
 
         The restored arrays get the shardings of `state`'s. `data_sha256` (see `data.fingerprint`), when
         given, must match the one the checkpoint was trained on; `custom_model` (the class of a module given
-        from Python, None for config.model) must be the one it was trained with.
+        from Python, None for config.model) must be the one it was trained with; a run trained with an optimizer
+        given from Python needs `custom_tx` (the same one: optax transformations cannot be compared).
         """
         latest = self.manager.latest_step()
         if latest is None:
@@ -177,10 +178,12 @@ class RunDir:
                                        f"gives {name(custom_model)}; resume with the same model")
             trained_on = meta.record.get("data_sha256")
             if data_sha256 is not None and trained_on is not None and trained_on != data_sha256:
-                raise _OtherDataError(f"cannot resume {self.path}: the data differ from what it was trained on "
-                                       f"(SHA-256 {data_sha256[:12]}... now, {trained_on[:12]}... then); give the "
-                                       "same --data-dir or $DIGITS_JAX_DATA_DIR as the run had, or start a new "
-                                       "--workdir")
+                raise ValueError(f"cannot resume {self.path}: the data differ from what it was trained on "
+                                 f"(SHA-256 {data_sha256[:12]}... now, {trained_on[:12]}... then); give the "
+                                 "same --data-dir or $DIGITS_JAX_DATA_DIR as the run had, or start a new --workdir")
+            if meta.record.get("custom_tx") and not custom_tx:  # config's optimizer would go on silently
+                raise ValueError(f"cannot resume {self.path}: it was trained with an optimizer given from Python "
+                                 "(tx=), this call gives none; resume from Python with the same tx")
             return abstract
 
         steps = sorted(self.manager.all_steps(), reverse=True)
@@ -409,7 +412,10 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         if custom and given != custom:  # the same parameter tree would restore silently into another network
             warnings.warn(f"{directory} was trained with {custom}; restoring it into {given} (renamed, or another "
                           "module?)", stacklevel=4)
-        config = Config.from_dict(meta.config)
+        try:
+            config = Config.from_dict(meta.config)
+        except ValueError as error:
+            raise _UnusableConfigError(str(error)) from error
         net = model if model is not None else models.create(config.model, config.num_classes)
         # The schedule is sized by the steps per epoch the run had, so that training on continues it.
         steps_per_epoch = meta.record["step"] // meta.record["epoch"]
@@ -442,11 +448,9 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
         except Exception as error:  # noqa: BLE001 -- whatever broke the read, this checkpoint is not usable
             _warn_skipped(where, error)
             continue
-        try:
+        try:  # abstract_state's errors are not damage: they are raised
             target = ocp.args.StandardRestore(abstract_state(meta))
-        except (ModelNeededError, _OtherDataError):
-            raise
-        except ValueError as error:  # Not damage: a config this version cannot build (e.g. a newer field).
+        except _UnusableConfigError as error:  # e.g. a newer field
             raise ValueError(f"{where} was saved with a config this digits_jax cannot use: {error}. Restore it "
                              "with the digits_jax version that trained it") from error
         try:

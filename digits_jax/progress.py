@@ -46,7 +46,7 @@ class Progress:
     def epoch(self, record: dict[str, Any]) -> None:
         if not self.tty:
             # The same in every epoch of a run (or of one call): metrics.jsonl keeps them.
-            hidden = ("image_shape", "data_sha256", "started", "custom_model")
+            hidden = ("image_shape", "data_sha256", "started", "custom_model", "custom_tx")
             shown = {k: v for k, v in record.items() if k not in hidden}
             self._print("epoch " + " ".join(f"{k}={_fmt(v)}" for k, v in shown.items()))
             return

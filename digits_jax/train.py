@@ -437,6 +437,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     model = model if model is not None else registered
     # A module other than config.model's is recorded, so that restoring the run asks for it.
     custom_model = None if model == registered else checkpoint.module_name(model)
+    custom_tx = tx is not None  # recorded: resuming such a run needs it again
     tx = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
     state = create_train_state(config, model, train["image"].shape[1:], tx)
     state = parallel.put(state, parallel.state_shardings(state, mesh, config.shard_params))
@@ -445,7 +446,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     has_validation = len(datasets["validation"]["label"]) > 0
     with checkpoint.RunDir(workdir, config, keep=config.keep_checkpoints, track_best=has_validation) as run:
         data_sha256 = data.fingerprint(datasets)
-        state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256, custom_model=custom_model)
+        state = run.restore_or_start(state, resume=resume, data_sha256=data_sha256, custom_model=custom_model,
+                                     custom_tx=custom_tx)
         log.start(config, int(state.epoch), steps_per_epoch, len(train["label"]), mesh.size, custom_model)
         device_data = parallel.put(datasets, parallel.replicated(mesh))
         programs: dict[TrainOptions, Any] = {}  # compiled epochs: the options are static, each its own program
@@ -467,6 +469,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
             record = _train_record(state, sums, time.perf_counter() - epoch_start, train["image"].shape[1:])
             if custom_model:  # config.model does not describe it: restoring must be given the module
                 record["custom_model"] = custom_model
+            if custom_tx:
+                record["custom_tx"] = True
             record["data_sha256"] = data_sha256
             for split in ("validation", "test"):
                 if len(datasets[split]["label"]):

@@ -317,6 +317,20 @@ def test_resume_on_different_data_is_refused(tmp_path, tiny_config, tiny_data):
     assert int(train.train_and_evaluate(moved, tmp_path, resume=True, datasets=tiny_data).epoch) == 1
 
 
+def test_a_run_trained_with_a_tx_from_python_resumes_only_with_one(tmp_path, tiny_config, tiny_data):
+    """Resumed without its tx (as `digits-jax train --resume` does), it went on with config's optimizer silently."""
+    config = tiny_config.replace(epochs=2)
+    steps = len(tiny_data["train"]["label"]) // config.batch_size
+    tx = optim.optimizer(config.replace(learning_rate=5e-3), steps)
+    train.train_and_evaluate(config, tmp_path, tx=tx, datasets=tiny_data)
+    assert all(r["custom_tx"] for r in checkpoint.read_records(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "2")
+    with pytest.raises(ValueError, match=r"trained with an optimizer given from Python \(tx=\), this call gives "
+                                         r"none; resume from Python with the same tx"):
+        train.train_and_evaluate(config, tmp_path, resume=True, datasets=tiny_data)
+    assert int(train.train_and_evaluate(config, tmp_path, resume=True, tx=tx, datasets=tiny_data).epoch) == 2
+
+
 class Linear(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
