@@ -388,9 +388,11 @@ def _check_finite(state: TrainState, sums: metrics.Metrics, workdir: Path) -> No
     epoch, steps = int(state.epoch), int(sums["steps"])
     what = f"the loss was NaN or Inf in {bad_steps} of its {steps} steps" if bad_steps else "the loss stayed finite"
     what += "" if params_finite else " and the parameters hold NaN or Inf"
+    kept = (f"the last good checkpoint in {workdir} is kept" if epoch > 1
+            else f"no epoch finished, so {workdir} holds no checkpoint")
     raise NonFiniteError(f"epoch {epoch} (steps {int(state.step) - steps + 1}-{int(state.step)}): {what}. Stopped "
-                         f"without saving it; the last good checkpoint in {workdir} is kept. Lower learning_rate, "
-                         "or check the data for corrupt values")
+                         f"without saving it; {kept}. Train again with a lower learning_rate in a new --workdir "
+                         "(--resume keeps the run's config), or check the data for corrupt values")
 
 
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False, model: nn.Module | None = None,

@@ -265,7 +265,9 @@ def test_datasets_given_are_cut_to_train_limit_and_without_validation_track_no_m
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path, tiny_config, tiny_data):
     poisoned = optax.chain(optax.adam(1e-3), optax.scale(float("nan")))  # every update turns parameters to NaN
     with pytest.raises(train.NonFiniteError, match=r"epoch 1 \(steps 1-8\): the loss was NaN or Inf in 7 of its 8 "
-                                                   r"steps and the parameters hold NaN or Inf"):
+                                                   r"steps and the parameters hold NaN or Inf\. Stopped without "
+                                                   r"saving it; no epoch finished, so .* holds no checkpoint\. Train "
+                                                   r"again with a lower learning_rate in a new --workdir"):
         train.train_and_evaluate(tiny_config, tmp_path, tx=poisoned, datasets=tiny_data)
     assert checkpoint.read_records(tmp_path) == []
     assert not [p for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()]
