@@ -111,6 +111,9 @@ class Config:
         if self.decay_rate != Config.decay_rate and self.schedule != "exponential":
             raise ValueError(f"config.decay_rate = {self.decay_rate!r} has no effect with schedule={self.schedule!r}: "
                              "it applies to 'exponential' only")
+        if self.b2 != Config.b2 and self.optimizer == "sgd":
+            raise ValueError(f"config.b2 = {self.b2!r} has no effect with optimizer='sgd' (b1 is its momentum): it "
+                             "applies to 'adam' and 'adamw'")
         if self.clean_epochs > 0 and self.augment == "none":
             raise ValueError(f"config.clean_epochs = {self.clean_epochs!r} has no effect with augment='none': every "
                              "epoch trains on the images as they are")

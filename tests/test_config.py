@@ -41,6 +41,7 @@ from digits_jax import config
                    r"directory runs/NAME"),
     ({"name": ".."}, r"config.name = '..': must be a plain name"),
     ({"name": "a/b"}, r"config.name = 'a/b': must be a plain name"),
+    ({"optimizer": "sgd", "b2": 0.9}, r"config.b2 = 0.9 has no effect with optimizer='sgd' \(b1 is its momentum\)"),
     ({"dataset": ""}, r"config.dataset is empty: give a value, or leave it out for the default"),
     ({"data_dir": ""}, r"config.data_dir is empty"),
 ])
