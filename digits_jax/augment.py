@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -34,7 +35,9 @@ class Augment:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value >= 0):
+            # NumPy scalars are numbers too; a bool is not one here, though Python counts it as an int.
+            if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value)
+                                               and float(value) >= 0):
                 raise ValueError(f"Augment.{field.name} = {value!r}: must be a finite number >= 0")
         if self.scale >= 1:
             raise ValueError(f"Augment.scale = {self.scale!r}: must be < 1 (0.1 draws size factors in [0.9, 1.1])")

@@ -25,6 +25,9 @@ def test_none_is_the_identity_and_validation_names_the_field():
         Augment(rotate_degrees=-1)
     with pytest.raises(ValueError, match="Augment.scale = 1.5"):
         Augment(scale=1.5)
+    with pytest.raises(ValueError, match="Augment.rotate_degrees = True: must be a finite number >= 0"):
+        Augment(rotate_degrees=True)
+    assert Augment(translate_pixels=np.float32(2)).translate_pixels == 2  # a NumPy number is a number
 
 
 @pytest.mark.parametrize("shift", [(2, -1), (-3, 0), (0, 3)])
