@@ -72,6 +72,8 @@ class Config:
         if self.name in ("", ".", "..") or any(c in self.name for c in "/\\"):
             raise ValueError(f"config.name = {self.name!r}: must be a plain name (no '/', not empty, '.' or '..'); "
                              "it names the run directory runs/NAME")
+        if self.dataset != "mnist" and self.dataset.strip().lower() == "mnist":  # would skip the MNIST checksums
+            raise ValueError(f"config.dataset = {self.dataset!r}: write 'mnist' (the name that checks MNIST's files)")
         for field in ("dataset", "data_dir"):  # "" would quietly mean the default source
             if getattr(self, field) == "":
                 raise ValueError(f"config.{field} is empty: give a value, or leave it out for the default")

@@ -42,6 +42,7 @@ from digits_jax import config
     ({"name": ".."}, r"config.name = '..': must be a plain name"),
     ({"name": "a/b"}, r"config.name = 'a/b': must be a plain name"),
     ({"optimizer": "sgd", "b2": 0.9}, r"config.b2 = 0.9 has no effect with optimizer='sgd' \(b1 is its momentum\)"),
+    ({"dataset": "MNIST"}, r"config.dataset = 'MNIST': write 'mnist' \(the name that checks MNIST's files\)"),
     ({"dataset": ""}, r"config.dataset is empty: give a value, or leave it out for the default"),
     ({"data_dir": ""}, r"config.data_dir is empty"),
 ])
