@@ -267,9 +267,15 @@ def _eval_slice(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: B
     return eval_step(apply_fn, variables, batch, mask, tta_shift)
 
 
+def _check_batch_size(batch_size: int) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size = {batch_size!r}: must be an integer >= 1")
+
+
 def padded_batches(arrays: dict[str, Any], batch_size: int) -> Iterator[tuple[dict[str, Any], int]]:
     """Consecutive `batch_size`-row slices of equally long (N, ...) arrays, the last one zero-padded so that
     every batch has one compiled shape; yields (batch, number of real rows)."""
+    _check_batch_size(batch_size)
     n = len(next(iter(arrays.values())))
     for begin in range(0, n, batch_size):
         batch = {k: v[begin:begin + batch_size] for k, v in arrays.items()}
@@ -328,6 +334,7 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
       EvalResult: accuracy (fraction of all N), mean loss, count N, (C, C) int confusion, per-class accuracy.
     """
     data.check_split(eval_data, "evaluate()'s eval_data")  # (N, 1) labels broadcast into a wrong accuracy
+    _check_batch_size(batch_size)
     n = len(eval_data["label"])
     if n == 0:
         raise ValueError("evaluate() needs at least one example")

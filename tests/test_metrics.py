@@ -78,3 +78,13 @@ def test_a_batch_larger_than_the_split_is_cut_to_it():
     split = {"image": np.zeros((5, 4, 4, 1), np.uint8), "label": np.zeros(5, np.int32)}
     arrays, batch_size = train._eval_arrays(split, 40_000, None)
     assert batch_size == 5 and arrays["image"].shape == (5, 4, 4, 1)
+
+
+@pytest.mark.parametrize("batch_size", [0, -4, 2.5])
+def test_evaluation_batch_sizes_below_one_are_named(batch_size):
+    """0 was "range() arg 3 must not be zero", a negative one "reduce() of empty iterable"."""
+    split = {"image": np.zeros((5, 4, 4, 1), np.uint8), "label": np.zeros(5, np.int32)}
+    with pytest.raises(ValueError, match=rf"batch_size = {batch_size}: must be an integer >= 1"):
+        train.evaluate(lambda variables, x, train: x.reshape(x.shape[0], -1), {}, split, batch_size)
+    with pytest.raises(ValueError, match=rf"batch_size = {batch_size}: must be an integer >= 1"):
+        list(train.padded_batches(split, batch_size))
