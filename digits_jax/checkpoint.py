@@ -188,9 +188,15 @@ class RunDir:
 
         steps = sorted(self.manager.all_steps(), reverse=True)
         epoch, state, meta = _restore_intact(self.manager, steps, abstract_state, self.path / CHECKPOINTS)
-        # The checkpoint's own record replaces a lost or stale line for its epoch.
-        checkpoint_record = {k: v for k, v in meta.record.items() if k != "state_sha256"}
-        self.records = [r for r in read_records(self.path) if r["epoch"] < epoch] + [checkpoint_record]
+        # The checkpoint's own record replaces a lost or stale line for its epoch; the older checkpoints kept give
+        # back theirs where metrics.jsonl lost them (the best one's, above all: summaries choose by the records).
+        by_epoch = {r["epoch"]: r for r in read_records(self.path) if r["epoch"] < epoch}
+        for older in sorted(set(self.manager.all_steps()) - set(by_epoch)):
+            if older < epoch:
+                with contextlib.suppress(Exception):  # a damaged older checkpoint: its record stays lost
+                    by_epoch[older] = self.manager.restore(older, args=ocp.args.Composite(
+                        record=ocp.args.JsonRestore())).record
+        self.records = [_without_digest(by_epoch[e]) for e in sorted(by_epoch)] + [_without_digest(meta.record)]
         if self.primary:
             for damaged in steps[:steps.index(epoch)]:  # set aside, so that its epoch can be saved again
                 aside = self.path / f"damaged-checkpoint-{damaged}-{time.time():.0f}"
@@ -285,6 +291,11 @@ def _take_lock(path: Path) -> TextIO:
     lock.write(f"pid {os.getpid()} on {socket.gethostname()}")
     lock.flush()
     return lock
+
+
+def _without_digest(record: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's record as metrics.jsonl keeps it: without the state's SHA-256."""
+    return {k: v for k, v in record.items() if k != "state_sha256"}
 
 
 def read_records(workdir: str | Path) -> list[dict[str, Any]]:

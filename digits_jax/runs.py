@@ -33,7 +33,7 @@ def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
             warnings.warn(f"skipping {workdir}: {error}", stacklevel=2)
             continue
         row = {"run": str(workdir), **{k: config.get(k, float("nan")) for k in CONFIG_COLUMNS},
-               "epochs_done": len(records)}
+               "epochs_done": records[-1]["epoch"] if records else 0}  # a lost record leaves its epoch done
         if records:
             final, best, nan = records[-1], best_record(records), float("nan")
             row |= {"final_test_%": 100 * final.get("test_accuracy", nan),

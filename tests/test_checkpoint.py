@@ -240,6 +240,26 @@ def test_a_config_this_version_cannot_build_is_an_error_not_damage(tmp_path, fin
         checkpoint.restore(workdir, step="latest")
 
 
+def test_records_lost_with_metrics_jsonl_come_back_from_the_kept_checkpoints(tmp_path, tiny_config, tiny_data):
+    """Only the resumed checkpoint's record came back: the best epoch's was lost, summaries chose another, and
+    `runs` counted 2 epochs done of 3."""
+    from digits_jax import runs
+
+    config = tiny_config.replace(epochs=3, keep_checkpoints=3)
+    train.train_and_evaluate(config, tmp_path, datasets=tiny_data)
+    whole = checkpoint.read_records(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    train.train_and_evaluate(config, tmp_path, resume=True, datasets=tiny_data)
+    rebuilt = checkpoint.read_records(tmp_path)
+    assert [r["epoch"] for r in rebuilt] == [1, 2, 3]
+    assert [r["validation_accuracy"] for r in rebuilt] == [r["validation_accuracy"] for r in whole]
+    assert rebuilt[:2] == whole[:2] and "state_sha256" not in rebuilt[0]
+    # Where a record is gone for good (its checkpoint deleted too), its epoch still counts as done.
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rebuilt[1:]))
+    assert runs.table([tmp_path])["epochs_done"].tolist() == [3]
+
+
 def test_the_best_checkpoint_survives_a_resume(tmp_path, tiny_config):
     # Orbax keeps the best checkpoint only while it can read back each step's metrics; a resumed process must too.
     state = {"w": jax.numpy.zeros(3)}
