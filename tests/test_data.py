@@ -623,20 +623,22 @@ def test_tfds_without_network_tries_each_file_once(tmp_path: Path, monkeypatch: 
     from tensorflow_datasets.core.download import downloader
 
     looked_up: list[str] = []
-    # The first file's failure ends the load; the other files' downloads are held until then, so that they
-    # start after the error, as they can on a busy machine.
+    # tfds waits on the files in the sorted order of their keys, the test images' first in both paths: that
+    # file's failure ends the load, and the other files' downloads are held until then, so that they start after
+    # the error, as they can on a busy machine.
+    first = next(url for url in MNIST_URLS if "t10k-images" in url)
     lock, released = threading.Lock(), threading.Event()
     started: list[str] = []
     finished: list[str] = []
+    held_until_the_error: list[bool] = []
     open_url = downloader._open_url
 
     @contextlib.contextmanager
     def held_open_url(url: str, **kwargs: object) -> Iterator[object]:
         with lock:
             started.append(url)
-            first = len(started) == 1
-        if not first:
-            released.wait(timeout=60)
+        if url != first:
+            held_until_the_error.append(released.wait(timeout=30))
         try:
             with open_url(url, **kwargs) as opened:
                 yield opened
@@ -651,6 +653,7 @@ def test_tfds_without_network_tries_each_file_once(tmp_path: Path, monkeypatch: 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     monkeypatch.setattr(urllib3.util.retry.Retry, "sleep", lambda self, *args: None)  # no back-off waits here
     monkeypatch.setattr(downloader, "_open_url", held_open_url)
+    monkeypatch.setattr(downloader, "MAX_RETRIES", downloader.MAX_RETRIES)  # put back after the test
     if tensorflow:  # installed or not: tfds downloads before it prepares
         find_spec = importlib.util.find_spec
         monkeypatch.setattr(importlib.util, "find_spec",
@@ -663,7 +666,7 @@ def test_tfds_without_network_tries_each_file_once(tmp_path: Path, monkeypatch: 
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (len(started) < len(MNIST_URLS) or len(finished) < len(started)):
         time.sleep(0.01)
-    assert sorted(finished) == sorted(MNIST_URLS)
+    assert sorted(finished) == sorted(MNIST_URLS) and held_until_the_error == [True] * 3
     # Our check (once per download attempt at most), then one try per file: tfds alone looked up 11 times per file.
     assert set(looked_up) == {"storage.googleapis.com"} and len(looked_up) <= 2 + len(MNIST_URLS)
 
