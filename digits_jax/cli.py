@@ -31,6 +31,11 @@ def _train(args: argparse.Namespace) -> int:
     config = config.with_overrides(args.set)
     if args.workdir == "":  # an unset variable in a script (--workdir "$DIR"): not the default's runs/CONFIG
         raise ValueError("--workdir is empty: give a directory, or leave --workdir out for runs/CONFIG_NAME")
+    name = Path(config.name.strip())
+    if not args.workdir and (not name.parts or ".." in name.parts or name.is_absolute()):  # e.g. NAME unset in
+        # --set name="$NAME": runs/ itself, or a folder outside it (runs/.. is the project's)
+        raise ValueError(f"config.name = {config.name!r} makes no run directory under runs/ (the default "
+                         "--workdir runs/NAME): give a name, or --workdir")
     workdir = args.workdir or f"runs/{config.name}"
     if args.resume and checkpoint.latest_epoch(workdir) is None:  # a mistyped --workdir would retrain silently
         checkpoint.check_run_directory(Path(workdir))  # a refusal, if any, before saying that a run starts

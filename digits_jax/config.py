@@ -67,11 +67,6 @@ class Config:
                 raise ValueError(f"config.{spec.name} = {value!r}: must be {kind}" + (" or None" if optional else ""))
             if float in wanted and not math.isfinite(float(value)):
                 raise ValueError(f"config.{spec.name} = {value!r}: must be a finite number")
-        # The name is the default run directory's last part (runs/NAME): "" or ".." would put a run's files in runs/
-        # or the project folder, and a "/" somewhere else.
-        if self.name in ("", ".", "..") or any(c in self.name for c in "/\\"):
-            raise ValueError(f"config.name = {self.name!r}: must be a plain name (no '/', not empty, '.' or '..'); "
-                             "it names the run directory runs/NAME")
         if self.dataset != "mnist" and self.dataset.strip().lower() == "mnist":  # would skip the MNIST checksums
             raise ValueError(f"config.dataset = {self.dataset!r}: write 'mnist' (the name that checks MNIST's files)")
         for field in ("dataset", "data_dir"):  # "" would quietly mean the default source
@@ -113,9 +108,6 @@ class Config:
         if self.decay_rate != Config.decay_rate and self.schedule != "exponential":
             raise ValueError(f"config.decay_rate = {self.decay_rate!r} has no effect with schedule={self.schedule!r}: "
                              "it applies to 'exponential' only")
-        if self.b2 != Config.b2 and self.optimizer == "sgd":
-            raise ValueError(f"config.b2 = {self.b2!r} has no effect with optimizer='sgd' (b1 is its momentum): it "
-                             "applies to 'adam' and 'adamw'")
         if self.clean_epochs > 0 and self.augment == "none":
             raise ValueError(f"config.clean_epochs = {self.clean_epochs!r} has no effect with augment='none': every "
                              "epoch trains on the images as they are")

@@ -14,9 +14,6 @@ def schedule(config: Config, steps_per_epoch: int) -> optax.ScalarOrSchedule:
     """
     total = config.epochs * steps_per_epoch
     warmup = round(config.warmup_epochs * steps_per_epoch)
-    if config.warmup_epochs > 0 and warmup == 0:
-        raise ValueError(f"config.warmup_epochs = {config.warmup_epochs!r} is less than half a step of "
-                         f"{steps_per_epoch} per epoch: no warm-up at all; raise it or set 0")
     if warmup >= total:
         raise ValueError(f"config.warmup_epochs = {config.warmup_epochs!r} is {warmup} steps of {steps_per_epoch} per "
                          f"epoch: the whole run ({total} steps) would be warm-up; lower it")

@@ -275,6 +275,19 @@ def test_dataset_naming_the_runs_own_is_its_default(cli_run, mnist_dir, capsys):
     assert scored["count"] == 128 and scored["recorded_accuracy"] == scored["accuracy"]
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "../x", "/tmp/x"])
+def test_a_name_that_makes_no_run_directory_under_runs_is_refused(tmp_path, capsys, monkeypatch, name):
+    """`--set name=` trained into runs/ itself (hiding the runs inside from `digits-jax runs runs`), '..' into the
+    project folder."""
+    from digits_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["train", "--config", "tiny", "--set", f"name={name}"]) == 1
+    assert capsys.readouterr().err == (f"digits-jax train: error: config.name = {name!r} makes no run directory "
+                                       "under runs/ (the default --workdir runs/NAME): give a name, or --workdir\n")
+    assert not (tmp_path / "runs").exists()
+
+
 def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys, monkeypatch):
     """TensorStore's callbacks into Orbax's closed loop printed up to ~1,000 lines of tracebacks after the error."""
     from digits_jax import cli
