@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import os
+import select
 import sys
 import warnings
 from collections.abc import Callable
@@ -276,15 +277,30 @@ def _use_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe whose reader has closed it (poll reports that as POLLERR)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):  # no file descriptor (captured output), or no poll (Windows)
+        return False
+
+
 def reporting_errors(prog: str, run: Callable[[], int | None], interrupted: str = "") -> int:
     """Calls `run()` and returns its exit code (None: 0); bad input or state (ValueError, OSError, a run in use,
     NaN in training) is one line `PROG: error: MESSAGE` on stderr and exit code 1, not a traceback; Ctrl-C is one
     line `PROG: interrupted` with `interrupted` (what to do next) after it, and exit code 130; a reader of stdout
     that went away (`| head`) ends it quietly with exit code 141, as SIGPIPE would."""
     try:
-        return run() or 0
-    except BrokenPipeError:
-        with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit would fail on the pipe too
+        code = run() or 0
+        sys.stdout.flush()  # here, not at exit: a pipe's buffered output meets a closed reader here
+        return code
+    except BrokenPipeError as error:
+        if not _stdout_reader_gone():  # another pipe (a child process's): an error like any other
+            print(f"{prog}: error: {error}", file=sys.stderr)
+            return 1
+        with contextlib.suppress(OSError, ValueError):  # Python's own flush at exit would fail on it again
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
     except (ValueError, OSError, RunInUseError, NonFiniteError) as e:

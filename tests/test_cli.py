@@ -243,15 +243,25 @@ def test_an_empty_workdir_is_an_error_not_the_default(tmp_path, capsys, monkeypa
     assert not (tmp_path / "runs").exists()
 
 
-def test_a_closed_pipe_ends_quietly(capsys):
-    """`digits-jax eval ... | head -1` printed 'error: [Errno 32] Broken pipe' and exited 1."""
+@pytest.mark.parametrize("unbuffered", ["", "1"])
+def test_a_closed_pipe_ends_quietly(cli_run, unbuffered):
+    """`digits-jax runs ... | true` printed 'error: [Errno 32] Broken pipe' (exit 1) where stdout was unbuffered, and
+    Python's own "Exception ignored ... BrokenPipeError" (exit 120) where it was buffered, at exit."""
+    env = {k: v for k, v in one_device().items() if k != "PYTHONUNBUFFERED"}
+    runs = subprocess.Popen([sys.executable, "-m", "digits_jax", "runs", str(cli_run[0])], cwd=REPO, env=env | (
+        {"PYTHONUNBUFFERED": unbuffered} if unbuffered else {}), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    runs.stdout.close()  # the reader goes away before anything is written
+    assert runs.wait(timeout=120) == 141 and runs.stderr.read() == b""
+
+
+def test_a_broken_pipe_other_than_stdout_is_an_error(capsys):
     from digits_jax import cli
 
-    def reader_gone() -> int:
+    def child_gone() -> int:
         raise BrokenPipeError(32, "Broken pipe")
 
-    assert cli.reporting_errors("digits-jax eval", reader_gone) == 141
-    assert capsys.readouterr().err == ""
+    assert cli.reporting_errors("bench.py", child_gone) == 1
+    assert capsys.readouterr().err == "bench.py: error: [Errno 32] Broken pipe\n"
 
 
 @pytest.mark.parametrize("option", ["--data-dir", "--dataset"])
