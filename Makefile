@@ -10,9 +10,19 @@ endif
 # XLA:CPU allocates large temporaries; glibc huge pages make them much cheaper to fault in (measured in
 # ../shared/docs/PERF_NOTES.md). glibc ignores the tunable where it does not know it.
 export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
-# GPU=1 (or yes, true) installs jax with CUDA 12 wheels instead of the CPU build; each flavour has its own stamp,
-# and the CPU one removes the CUDA plugin that a GPU=1 setup left (JAX would otherwise look for a GPU).
+# GPU=1 (or yes, true) installs jax with CUDA 12 wheels instead of the CPU build; each flavour has its own stamp.
+# Without GPU a .venv keeps the flavour it has; GPU=0 (no, false) goes back to the CPU build and removes the CUDA
+# plugin that GPU=1 left (JAX would otherwise look for a GPU).
+ifeq ($(strip $(GPU)),)
+GPU_ON := $(wildcard $(VENV)/.installed-cuda12)
+else ifneq ($(filter-out 0 1 yes no true false,$(GPU)),)
+$(error GPU=$(GPU): write GPU=1 (the CUDA 12 build) or GPU=0 (the CPU build))
+else
 GPU_ON := $(filter 1 yes true,$(GPU))
+endif
+ifneq ($(filter-out 0 1 yes no true false,$(RESUME)),)
+$(error RESUME=$(RESUME): write RESUME=1 (continue runs/default) or RESUME=0)
+endif
 FLAVOUR := $(if $(GPU_ON),cuda12,cpu)
 JAX_SPEC := $(if $(GPU_ON),jax[cuda12],jax)
 STAMP := $(VENV)/.installed-$(FLAVOUR)

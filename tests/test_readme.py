@@ -32,13 +32,20 @@ def test_readme_snippets_run(tmp_path, mnist_dir):
 
 
 @pytest.mark.parametrize("value,on", [("1", True), ("yes", True), ("true", True), ("0", False), ("no", False),
-                                      ("", False)])
-def test_make_flags_read_0_and_no_as_off(value, on):
-    """`make train GPU=0` installed the CUDA wheels, and RESUME=0 resumed: any non-empty value was on."""
-    def plan(*assignment: str) -> str:
-        return subprocess.run(["make", "-n", "-B", *assignment], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout
+                                      ("", None)])
+@pytest.mark.parametrize("installed", ["cpu", "cuda12"])
+def test_make_flags_read_0_and_no_as_off(tmp_path, value, on, installed):
+    """`make train GPU=0` installed the CUDA wheels, and RESUME=0 resumed: any non-empty value was on. Without GPU,
+    a .venv keeps its flavour (a plain `make eval` after `make train GPU=1` had put the CPU build back)."""
+    (tmp_path / f".installed-{installed}").touch()
 
-    setup = plan("setup", f"GPU={value}")
-    assert ("'jax[cuda12]'" in setup) == on and ("pip uninstall" in setup) != on
-    assert ("--resume" in plan("train", f"RESUME={value}")) == on
+    def plan(*assignment: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(["make", "-n", "-B", f"VENV={tmp_path}", *assignment], cwd=REPO, capture_output=True,
+                              text=True, check=check)
+
+    setup = plan("setup", f"GPU={value}").stdout
+    gpu = installed == "cuda12" if on is None else on
+    assert ("'jax[cuda12]'" in setup) == gpu and ("pip uninstall" in setup) != gpu
+    assert ("--resume" in plan("train", f"RESUME={value}").stdout) == bool(on)
+    refused = plan("setup", "GPU=True", check=False)
+    assert refused.returncode == 2 and "GPU=True: write GPU=1 (the CUDA 12 build) or GPU=0" in refused.stderr
