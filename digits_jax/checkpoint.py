@@ -393,7 +393,8 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
       step: an epoch number, "latest", or "best" (highest validation accuracy); when `path` names one
         checkpoint, an epoch number must be that checkpoint's.
       model: the Flax module that was trained, when it is not a registered `config.model`.
-      tx: the optax transformation that was used, when it was not the config's.
+      tx: the optax transformation that was used, when it was not the config's (a run trained with one is
+        restored without it with a warning: its state then trains on with the config's).
       mesh: a `parallel.make_mesh` mesh to restore onto, replicated on its devices (however many devices
         saved it); default: this process's first device.
     Returns:
@@ -430,6 +431,9 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         net = model if model is not None else models.create(config.model, config.num_classes)
         # The schedule is sized by the steps per epoch the run had, so that training on continues it.
         steps_per_epoch = meta.record["step"] // meta.record["epoch"]
+        if tx is None and meta.record.get("custom_tx"):  # evaluation needs none; training on would differ
+            warnings.warn(f"{directory} was trained with an optimizer given from Python (tx=); the restored state's "
+                          "tx is its config's: pass tx= to train it on", stacklevel=4)
         optimizer = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
         shapes = jax.eval_shape(lambda: create_train_state(config, net, tuple(meta.record["image_shape"]), optimizer))
         sharding = parallel.replicated(mesh) if mesh is not None else _first_device()

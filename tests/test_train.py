@@ -331,6 +331,9 @@ def test_a_run_trained_with_a_tx_from_python_resumes_only_with_one(tmp_path, tin
                                          r"none; resume from Python with the same tx"):
         train.train_and_evaluate(config, tmp_path, resume=True, datasets=tiny_data)
     assert int(train.train_and_evaluate(config, tmp_path, resume=True, tx=tx, datasets=tiny_data).epoch) == 2
+    with pytest.warns(UserWarning, match=r"trained with an optimizer given from Python \(tx=\); the restored "
+                                         r"state's tx is its config's: pass tx= to train it on"):
+        checkpoint.restore(tmp_path)
 
 
 class Linear(nn.Module):
