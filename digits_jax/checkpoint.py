@@ -485,8 +485,8 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
             if shapes:  # not damage either: a model of another width, or images of another size
                 raise ValueError(f"{where} holds arrays of other shapes than the train state built to restore it "
                                  f"(an array of shape {shapes[2]} in the checkpoint, {shapes[1]} asked for): give "
-                                 "images of the size it was trained on and the same model (width, num_classes)"
-                                 ) from error
+                                 "the model it was trained with (its widths and num_classes) and images of the size "
+                                 "it was trained on") from error
             _warn_skipped(where, error)
     others = sorted(set(manager.all_steps()) - set(steps))
     if others:  # an epoch asked for by number is damaged, others are there

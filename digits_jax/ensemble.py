@@ -67,9 +67,7 @@ def evaluate(members: Sequence[Any], eval_data: dict[str, np.ndarray], method: s
     """
     if not members:
         raise ValueError("an ensemble needs at least one member")
-    if not all(float(s).is_integer() and s >= 0 for s in np.ravel(tta_shift)):  # int() would make 0.9 a 0
-        raise ValueError(f"tta_shift = {tta_shift!r}: give whole numbers of pixels >= 0")
-    per_member = [int(s) for s in np.ravel(tta_shift)]
+    per_member = np.ravel(tta_shift).tolist()  # as given: log_probabilities refuses 0.9 (int() would make it 0)
     shifts = per_member if np.ndim(tta_shift) else per_member * len(members)
     if len(shifts) != len(members):
         raise ValueError(f"{len(shifts)} tta_shift values for {len(members)} ensemble members: give one per member")

@@ -214,7 +214,10 @@ def translate(images: jax.Array, dy: int, dx: int) -> jax.Array:
 
 
 def _check_tta_shift(tta_shift: int, size: tuple[int, ...]) -> None:
-    """Raises ValueError when a shift of `tta_shift` pixels would leave images of `size` (H, W) blank."""
+    """Raises ValueError unless `tta_shift` is a whole number of pixels >= 0 that leaves images of `size` (H, W)
+    something to see."""
+    if isinstance(tta_shift, bool) or not float(tta_shift).is_integer() or tta_shift < 0:
+        raise ValueError(f"tta_shift = {tta_shift!r}: give a whole number of pixels >= 0")
     if tta_shift >= min(size):
         raise ValueError(f"tta_shift = {tta_shift}: images of {size[0]}x{size[1]} pixels shifted so far are blank; "
                          "use a shift of a pixel or two")
@@ -227,10 +230,10 @@ def log_probabilities(apply_fn: Callable[..., jax.Array], variables: Any, images
     With `tta_shift` > 0 (test-time augmentation), the probabilities are averaged over each image and its
     four copies moved by `tta_shift` pixels up, down, left and right (one model call on a 5x batch).
     """
+    _check_tta_shift(tta_shift, images.shape[1:3])
     if not tta_shift:
         return jax.nn.log_softmax(apply_fn(variables, images, train=False))
-    _check_tta_shift(tta_shift, images.shape[1:3])
-    s = tta_shift
+    s = int(tta_shift)
     views = [images] + [translate(images, dy, dx) for dy, dx in ((-s, 0), (s, 0), (0, -s), (0, s))]
     log_p = jax.nn.log_softmax(apply_fn(variables, jnp.concatenate(views), train=False))
     # log(mean(p)) in log space: a probability that underflows to 0 in every view would give log 0 = -inf, and the

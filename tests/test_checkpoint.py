@@ -202,8 +202,9 @@ def test_a_module_of_other_shapes_is_named_not_called_damaged(tmp_path, tiny_con
     with warnings.catch_warnings():
         warnings.simplefilter("error", checkpoint.CheckpointSkippedWarning)
         other_shapes = (r"checkpoints/1 holds arrays of other shapes than the train state built to restore it "
-                        r"\(an array of shape \(784, 10\) in the checkpoint, \(1568, 10\) asked for\): give images "
-                        r"of the size it was trained on")
+                        r"\(an array of shape \(784, 10\) in the checkpoint, \(1568, 10\) asked for\): give the model "
+                        r"it was trained with \(its widths and num_classes\) and images of the size it was trained "
+                        r"on")
         with (pytest.raises(ValueError, match=other_shapes),
               pytest.warns(UserWarning, match="restoring it into tests.test_checkpoint.WiderMLP")):
             checkpoint.restore(workdir, model=WiderMLP())

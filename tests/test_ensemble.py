@@ -113,8 +113,11 @@ def test_each_member_has_its_own_tta_shift(trained, tiny_data):
     assert ensemble.evaluate([member], test, tta_shift=np.int64(2))["accuracy"] == result["member_accuracies"][1]
     with pytest.raises(ValueError, match="1 tta_shift values for 2 ensemble members"):
         ensemble.evaluate([member, member], test, tta_shift=[1])
-    with pytest.raises(ValueError, match=r"tta_shift = 0.9: give whole numbers of pixels >= 0"):
-        ensemble.evaluate([member], test, tta_shift=0.9)  # was evaluated as 0
+    for call in (lambda: ensemble.evaluate([member], test, tta_shift=0.9),  # was evaluated as 0
+                 lambda: ensemble.probabilities(*member, test["image"], tta_shift=0.9),  # and these a TypeError
+                 lambda: train.evaluate(*member, test, tta_shift=0.9)):
+        with pytest.raises(ValueError, match=r"tta_shift = 0.9: give a whole number of pixels >= 0"):
+            call()
     with pytest.raises(ValueError, match="needs at least one example"):
         ensemble.evaluate([member], {k: v[:0] for k, v in test.items()})
 
