@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -393,8 +394,9 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
       step: an epoch number, "latest", or "best" (highest validation accuracy); when `path` names one
         checkpoint, an epoch number must be that checkpoint's.
       model: the Flax module that was trained, when it is not a registered `config.model`.
-      tx: the optax transformation that was used, when it was not the config's (a run trained with one is
-        restored without it with a warning: its state then trains on with the config's).
+      tx: the optax transformation that was used, when it was not the config's (restored without it, such a
+        run's state holds its optimizer state as saved, nested dicts: it evaluates, and a warning says to pass
+        tx= to train it on).
       mesh: a `parallel.make_mesh` mesh to restore onto, replicated on its devices (however many devices
         saved it); default: this process's first device.
     Returns:
@@ -431,13 +433,15 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         net = model if model is not None else models.create(config.model, config.num_classes)
         # The schedule is sized by the steps per epoch the run had, so that training on continues it.
         steps_per_epoch = meta.record["step"] // meta.record["epoch"]
-        if tx is None and meta.record.get("custom_tx"):  # evaluation needs none; training on would differ
-            warnings.warn(f"{directory} was trained with an optimizer given from Python (tx=); the restored state's "
-                          "tx is its config's: pass tx= to train it on", stacklevel=4)
         optimizer = tx if tx is not None else optim.optimizer(config, steps_per_epoch)
         shapes = jax.eval_shape(lambda: create_train_state(config, net, tuple(meta.record["image_shape"]), optimizer))
         sharding = parallel.replicated(mesh) if mesh is not None else _first_device()
-        return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+        abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
+        if tx is None and meta.record.get("custom_tx"):  # its optimizer state has a structure only that tx knows
+            warnings.warn(f"{directory} was trained with an optimizer given from Python (tx=); restored without it, "
+                          "its state evaluates, but pass tx= to train it on", stacklevel=4)
+            return _AsSaved(functools.partial(_with_saved_opt_state, abstract))
+        return abstract
 
     try:
         candidates = [chosen] if chosen is not None else _candidates(manager, step, directory)
@@ -452,6 +456,28 @@ def _first_device() -> jax.sharding.Sharding:
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
+@dataclasses.dataclass(frozen=True)
+class _AsSaved:
+    """Read a checkpoint's state as saved (nested dicts, no target) and `build` the state from that."""
+    build: Callable[[Any], Any]
+
+
+def _with_saved_opt_state(abstract: Any, saved: dict[str, Any]) -> Any:
+    """`abstract`'s TrainState filled from `saved` (a state read as saved), its opt_state kept as read."""
+    def place(a: jax.ShapeDtypeStruct, value: Any) -> jax.Array:
+        if np.shape(value) != a.shape:
+            raise ValueError(f"Requested shape: {a.shape} is not compatible with the stored shape: {np.shape(value)}")
+        return jax.device_put(np.asarray(value, a.dtype), a.sharding)
+
+    try:
+        fields = {name: jax.tree.map(place, getattr(abstract, name), saved[name])
+                  for name in ("step", "epoch", "rng", "params", "model_state", "ema_params")}
+    except (KeyError, TypeError) as error:  # named as Orbax names it, so that it is not taken for damage
+        raise ValueError(f"tree structures do not match ({error})") from error
+    sharding = jax.tree.leaves(abstract)[0].sharding
+    return abstract.replace(opt_state=jax.device_put(saved["opt_state"], sharding), **fields)
+
+
 def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstract_state: Callable[[Any], Any],
                     directory: Path) -> tuple[int, Any, Any]:
     """(step, state, meta with .config and .record) of the first of `steps` that reads back intact."""
@@ -464,12 +490,16 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
             _warn_skipped(where, error)
             continue
         try:  # abstract_state's errors are not damage: they are raised
-            target = ocp.args.StandardRestore(abstract_state(meta))
+            abstract = abstract_state(meta)
         except _UnusableConfigError as error:  # e.g. a newer field
             raise ValueError(f"{where} was saved with a config this digits_jax cannot use: {error}. Restore it "
                              "with the digits_jax version that trained it") from error
         try:
-            state = manager.restore(step, args=ocp.args.Composite(state=target)).state
+            if isinstance(abstract, _AsSaved):
+                saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
+                # Not checked against the SHA-256: that is of the state in its own structure, unknown here.
+                return step, abstract.build(saved), meta
+            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
             saved_digest = meta.record.get("state_sha256")  # absent in checkpoints saved before it existed
             if saved_digest is not None and state_digest(state) != saved_digest:
                 raise ValueError("its state does not match the SHA-256 saved with it")
