@@ -96,14 +96,8 @@ def to_array(image: Image.Image) -> np.ndarray:
     if not image.mode.startswith("I"):
         return np.asarray(image)
     values = np.asarray(image)
-    if image.mode == "I":  # 32-bit integers: files of 8 or 16 bits a pixel decode to it, and only values tell
-        low, high = int(values.min()), int(values.max())
-        if low < 0 or high > 65535:
-            raise UnknownScaleError(f"32-bit integer pixels from {low} to {high}: only 0..255 (8-bit) and "
-                                    "0..65535 (16-bit) have a known full scale; save the image as an 8- or "
-                                    "16-bit PNG")
-        if high <= 255:
-            return values.astype(np.uint8)
+    if image.mode == "I" and _full_scale(values, "32-bit integer") == 255:  # files of 8 or 16 bits decode to it
+        return values.astype(np.uint8)
     scaled = values.astype(np.float32) / 65535.0
     if factor > 1:  # the mean of each factor x factor block, as Image.reduce does
         # Edge rows and columns repeated to whole blocks, as Image.reduce keeps the partial ones.
@@ -117,7 +111,8 @@ def preprocess(image: np.ndarray) -> np.ndarray:
     """Turns one decoded image into an MNIST-like digit.
 
     Args:
-      image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, uint8/uint16 or float in [0, 1] (or [0, 255]);
+      image: (H, W), (H, W, 1), (H, W, 3) or (H, W, 4) array, uint8/uint16, other integers in 0..255 or
+        0..65535, or float in [0, 1] (or [0, 255]);
         any size, ink and background colours; transparent pixels show the background.
     Returns:
       uint8 (28, 28, 1): bright ink on black, the ink's larger side scaled to 20 px, centre of mass at (14, 14).
@@ -137,11 +132,22 @@ def preprocess(image: np.ndarray) -> np.ndarray:
     return _centre(digit)[..., None]
 
 
+def _full_scale(values: np.ndarray, what: str) -> int:
+    """255 or 65535: the full scale of integer pixels whose type does not tell it, judged by their values."""
+    low, high = int(values.min(initial=0)), int(values.max(initial=0))
+    if low < 0 or high > 65535:
+        raise UnknownScaleError(f"{what} pixels from {low} to {high}: only 0..255 (8-bit) and 0..65535 (16-bit) "
+                                "have a known full scale; save the image as an 8- or 16-bit PNG")
+    return 255 if high <= 255 else 65535
+
+
 def _as_float(image: np.ndarray) -> np.ndarray:
     if image.dtype == np.bool_:
         return image.astype(np.float64)
-    if np.issubdtype(image.dtype, np.integer):
+    if image.dtype in (np.uint8, np.uint16):
         return image.astype(np.float64) / np.iinfo(image.dtype).max
+    if np.issubdtype(image.dtype, np.integer):  # e.g. int64, NumPy's type for Python ints: the values tell
+        return image.astype(np.float64) / _full_scale(image, f"{image.dtype}")
     values = np.nan_to_num(image.astype(np.float64))
     return values / 255.0 if values.max(initial=0.0) > 1.0 else values
 
@@ -277,9 +283,13 @@ class Predictor:
         batch size compiles only a handful of programs.
         """
         images = np.asarray(images)
+        shape = f"uint8 (B, {', '.join(map(str, self.image_shape))})"
+        if images.dtype == np.uint8 and images.shape == self.image_shape:  # preprocess() gives one image
+            raise ValueError(f"predict() takes a batch, {shape}, got one image {images.shape}: give image[None] or "
+                             "np.stack of several")
         if images.dtype != np.uint8 or images.shape[1:] != self.image_shape:
-            raise ValueError(f"predict() takes uint8 (B, {', '.join(map(str, self.image_shape))}) images, got "
-                             f"{images.dtype} {images.shape}; pass them through preprocess() first")
+            raise ValueError(f"predict() takes {shape} images, got {images.dtype} {images.shape}; pass them "
+                             "through preprocess() first")
         if not len(images):
             raise ValueError("predict() got no images; give at least one")
         batch_size = min(1 << (len(images) - 1).bit_length(), MAX_BATCH)

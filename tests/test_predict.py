@@ -213,6 +213,19 @@ def test_float_and_32_bit_integer_files_read_on_their_own_scale(tmp_path):
             load_image(tmp_path / "wide.tif")
 
 
+def test_integer_arrays_of_any_type_read_on_the_scale_of_their_values():
+    """An int64 array of 0-255 pixels (NumPy's type for Python ints) was divided by 2**63 - 1: "no ink"."""
+    image = render("DejaVuSans.ttf", 4, 120, (0.4, 0.5), light=True)
+    expected = preprocess(image)
+    for pixels in (image.astype(np.int64), image.astype(np.int32), np.array(image.tolist()),
+                   image.astype(np.int64) * 257):
+        np.testing.assert_allclose(preprocess(pixels), expected, atol=1, err_msg=str(pixels.dtype))
+    negative = image.astype(np.int64)
+    negative[0, 0] = -1
+    with pytest.raises(ValueError, match=r"int64 pixels from -1 to \d+: only 0..255 \(8-bit\) and 0..65535"):
+        preprocess(negative)
+
+
 def damaged_tiff() -> bytes:
     """An 8x8 TIFF whose strip offsets are typed RATIONAL, not LONG: Pillow's load() raises TypeError on it."""
     buffer = io.BytesIO()
@@ -286,6 +299,10 @@ def test_predict_rejects_images_that_were_not_preprocessed(tiny_run):
         predictor.predict(np.zeros((2, 28, 28), np.float32))
     with pytest.raises(ValueError, match="no images"):
         predictor.predict(np.zeros((0, 28, 28, 1), np.uint8))
+    # One preprocessed image was told to go through preprocess(): what it had been.
+    with pytest.raises(ValueError, match=r"takes a batch, uint8 \(B, 28, 28, 1\), got one image \(28, 28, 1\): "
+                                         r"give image\[None\]"):
+        predictor.predict(preprocess(render("DejaVuSans.ttf", 3, 100, (0.5, 0.5), light=True)))
 
 
 @pytest.fixture(scope="module")
