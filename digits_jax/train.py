@@ -170,11 +170,20 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
     return state, batch_metrics
 
 
+def _steps_per_epoch(n: int, batch_size: int, what: str = "batch_size") -> int:
+    """n // batch_size, or ValueError where that is no step at all (an epoch that trains nothing)."""
+    _check_batch_size(batch_size)
+    if n < batch_size:
+        raise ValueError(f"{what} ({batch_size}) is larger than the training split ({n} images): lower it or use "
+                         "more data")
+    return n // batch_size
+
+
 def epoch_order(rng: jax.Array, epoch: jax.Array | int, n: int, batch_size: int) -> jax.Array:
     """The example indices of each step of `epoch`: (n // batch_size, batch_size) int32, a fresh shuffle per
     epoch drawn from (rng, epoch) alone, so a resumed run sees the same order."""
     key = jax.random.fold_in(jax.random.fold_in(rng, SHUFFLE_STREAM), epoch)
-    steps = n // batch_size
+    steps = _steps_per_epoch(n, batch_size)
     return jax.random.permutation(key, n)[:steps * batch_size].reshape(steps, batch_size)
 
 
@@ -440,10 +449,7 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
         if config.train_limit is not None:
             datasets = datasets | {"train": {k: v[:config.train_limit] for k, v in datasets["train"].items()}}
     train = datasets["train"]
-    steps_per_epoch = len(train["label"]) // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"config.batch_size ({config.batch_size}) is larger than the training split "
-                         f"({len(train['label'])} images): lower it or use more data")
+    steps_per_epoch = _steps_per_epoch(len(train["label"]), config.batch_size, "config.batch_size")
     _check_tta_shift(config.tta_shift, train["image"].shape[1:3])  # before the run directory is made
     registered = models.create(config.model, config.num_classes)
     model = model if model is not None else registered

@@ -199,6 +199,12 @@ def test_a_tta_shift_as_large_as_the_images_is_refused_before_the_run_directory_
 def test_batch_larger_than_training_split_is_an_error(tmp_path, tiny_config, tiny_data):
     with pytest.raises(ValueError, match=r"batch_size \(4096\) is larger than the training split"):
         train.train_and_evaluate(tiny_config.replace(batch_size=4096), tmp_path, datasets=tiny_data)
+    # train_epoch (a loop of one's own) took no step, counted the epoch and returned counts of 0.
+    state, train_data = fresh_state(tiny_config, tiny_data), jax.device_put(tiny_data["train"])
+    with pytest.raises(ValueError, match=r"^batch_size \(1024\) is larger than the training split \(512 images\)"):
+        train.train_epoch(state, train_data, 1024)
+    with pytest.raises(ValueError, match=r"batch_size = 0: must be an integer >= 1"):
+        train.train_epoch(state, train_data, 0)
 
 
 def test_preprocess_scales_uint8_to_unit_interval():
