@@ -149,6 +149,8 @@ class Config:
 
     def with_overrides(self, assignments: list[str]) -> Config:
         """Applies `key=value` strings (as typed on a command line), parsing values by the field's type."""
+        if isinstance(assignments, str):  # iterated, it would be one letter per assignment
+            raise TypeError(f"with_overrides({assignments!r}): give a list of 'key=value' strings")
         fields = {f.name: f for f in dataclasses.fields(self)}
         changes: dict[str, Any] = {}
         for assignment in assignments:

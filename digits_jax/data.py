@@ -437,6 +437,8 @@ def load(config: Config, splits: tuple[str, ...] = SPLITS) -> Splits:
       {split: {'image': (N, H, W, C) uint8, 'label': (N,) int32}} for each of `splits`, the same H, W, C in every
       split.
     """
+    if isinstance(splits, str):  # iterated, it would be one letter per split
+        raise TypeError(f"data.load(splits={splits!r}): give a tuple of split names, e.g. ({splits!r},)")
     unknown = sorted(set(splits) - set(SPLITS))
     if unknown:
         raise ValueError(f"data.load(splits={splits!r}): {unknown} are not splits; choose from {SPLITS}")

@@ -69,6 +69,9 @@ def test_overrides_parse_by_field_type():
 def test_bad_overrides(assignment, message):
     with pytest.raises(ValueError, match=message):
         config.default().with_overrides([assignment])
+    # One string, not a list, was read one letter at a time: "--set 'e': expected KEY=VALUE".
+    with pytest.raises(TypeError, match=r"with_overrides\('epochs=3'\): give a list of 'key=value' strings"):
+        config.default().with_overrides("epochs=3")
 
 
 def test_json_round_trip_and_unknown_keys():

@@ -244,6 +244,8 @@ def test_the_test_split_alone_needs_only_the_test_files(tmp_path: Path) -> None:
             load(custom_config(tmp_path), asked)
     with pytest.raises(ValueError, match=r"\['valid'\] are not splits"):
         load(custom_config(tmp_path), ("valid",))
+    with pytest.raises(TypeError, match=r"splits='test'\): give a tuple of split names, e.g. \('test',\)"):
+        load(custom_config(tmp_path), "test")  # was "['e', 's', 't'] are not splits"
 
 
 def test_train_limit_leaves_validation_alone(tmp_path: Path) -> None:
