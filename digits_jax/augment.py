@@ -145,6 +145,9 @@ def apply(config: Augment, key: jax.Array, images: jax.Array) -> jax.Array:
     Returns:
       float32 (B, H, W, C) in [0, 1].
     """
+    if not isinstance(config, Augment):  # config.augment is a name: an easy slip
+        raise TypeError(f"augment.apply takes an Augment, got {config!r}; for a preset name use "
+                        "augment.PRESETS[name]")
     if config.is_identity:
         return images
     if images.ndim != 4 or not jnp.issubdtype(images.dtype, jnp.floating):

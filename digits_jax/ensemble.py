@@ -56,17 +56,20 @@ def _as_member(member: Any) -> Member:
 
 
 def evaluate(members: Sequence[Any], eval_data: dict[str, np.ndarray], method: str = "mean",
-             batch_size: int = 1000, tta_shift: int | Sequence[int] | np.ndarray = 0) -> dict[str, Any]:
+             batch_size: int = 1000, tta_shift: int | Sequence[int] | np.ndarray | None = None) -> dict[str, Any]:
     """Accuracy of the ensemble of `members` on {'image': uint8 (N, H, W, C), 'label': int (N,)}.
 
     Each member is an (apply_fn, variables) pair, a TrainState or a `checkpoint.Restored`. `tta_shift` is one for
-    all members or one per member (e.g. each run's config.tta_shift; it is not read from a Restored).
+    all members or one per member; None: a Restored's own config.tta_shift (as `digits-jax eval` and `Predictor`
+    evaluate it), 0 for the others.
 
     Returns:
       {'accuracy': the ensemble's fraction right, 'member_accuracies': [each member's], 'count': N}.
     """
     if not members:
         raise ValueError("an ensemble needs at least one member")
+    if tta_shift is None:
+        tta_shift = [getattr(getattr(member, "config", None), "tta_shift", 0) for member in members]
     per_member = np.ravel(tta_shift).tolist()  # as given: log_probabilities refuses 0.9 (int() would make it 0)
     shifts = per_member if np.ndim(tta_shift) else per_member * len(members)
     if len(shifts) != len(members):

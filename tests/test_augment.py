@@ -28,6 +28,9 @@ def test_none_is_the_identity_and_validation_names_the_field():
     with pytest.raises(ValueError, match="Augment.rotate_degrees = True: must be a finite number >= 0"):
         Augment(rotate_degrees=True)
     assert Augment(translate_pixels=np.float32(2)).translate_pixels == 2  # a NumPy number is a number
+    with pytest.raises(TypeError, match=r"augment.apply takes an Augment, got 'affine'; for a preset name use "
+                                        r"augment.PRESETS\[name\]"):
+        augment.apply("affine", jax.random.PRNGKey(0), x)  # config.augment is a name: was an AttributeError
 
 
 @pytest.mark.parametrize("shift", [(2, -1), (-3, 0), (0, 3)])

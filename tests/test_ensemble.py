@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from digits_jax import checkpoint, ensemble, train
+from digits_jax import checkpoint, config, ensemble, train
 
 
 def numpy_shift(images, dy, dx):
@@ -130,6 +130,11 @@ def test_members_may_be_train_states_or_restored_checkpoints(trained, tiny_data)
     as_list = [trained.apply_fn, trained.variables]
     assert ensemble.evaluate([trained, restored, as_list], test, tta_shift=np.array([1, 1, 1]))[
         "member_accuracies"] == pair["member_accuracies"] * 3
+    # By default a Restored member is evaluated with its run's tta_shift, as digits-jax eval and Predictor do
+    # (it was evaluated without), and the others without.
+    shifted = checkpoint.Restored(state=trained, config=config.tiny().replace(tta_shift=1), record={}, epoch=1)
+    assert ensemble.evaluate([shifted, trained], test)["member_accuracies"] == [
+        pair["member_accuracies"][0], ensemble.evaluate([trained], test, tta_shift=0)["member_accuracies"][0]]
     with pytest.raises(TypeError, match=r"an \(apply_fn, variables\) pair, a TrainState or a restored checkpoint, "
                                         r"not dict"):
         ensemble.evaluate([{"params": trained.params}], test)
