@@ -77,6 +77,8 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
       non-parameter collections, options those of epoch 0 (a loop of your own replaces them with each epoch's
       `train_options` when `config.clean_epochs` is set).
     """
+    if len(image_shape) != 3:
+        raise ValueError(f"image_shape = {tuple(image_shape)}: give (height, width, channels), e.g. (28, 28, 1)")
     try:
         logits, variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
     except ZeroDivisionError:  # what Flax's initializers raise for a layer whose input has no elements
@@ -146,6 +148,7 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
       (new state, metric sums for the batch: 'loss', 'correct', 'count' (see `metrics.compute`), 'steps' (1)
       and 'nonfinite' (1 if the loss was NaN or Inf)).
     """
+    data.check_split(batch, "train_step()'s batch")  # at trace time: (B, 1) labels would broadcast in the loss
     step_key = jax.random.fold_in(jax.random.fold_in(state.rng, STEP_STREAM), state.step)
     dropout_key, augment_key = jax.random.split(step_key)
     options = state.options

@@ -221,7 +221,7 @@ def test_float_images_are_refused_by_evaluate_train_step_and_ensembles(tiny_conf
     with pytest.raises(ValueError, match=r"evaluate\(\)'s eval_data: images are float32 of shape \(64, 28, 28, 1\); "
                                          r"give uint8 pixels 0-255"):
         train.evaluate(state.apply_fn, state.variables, scaled, 32)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=r"train_step\(\)'s batch: images are float32 .* give uint8 pixels 0-255"):
         train.train_step(state, scaled)
     with pytest.raises(ValueError, match=message):
         ensemble.probabilities(state.apply_fn, state.variables, scaled["image"], 32)
@@ -237,6 +237,13 @@ def test_evaluate_and_ensembles_refuse_labels_that_are_not_one_per_image(tiny_co
         train.evaluate(state.apply_fn, state.variables, given, 32)
     with pytest.raises(data.DataError, match=r"ensemble.evaluate\(\)'s eval_data: labels are"):
         ensemble.evaluate([state], given)
+    with pytest.raises(data.DataError, match=r"train_step\(\)'s batch: labels are"):
+        train.train_step(state, given)
+
+
+def test_an_image_shape_without_channels_is_named(tiny_config):
+    with pytest.raises(ValueError, match=r"image_shape = \(28, 28\): give \(height, width, channels\)"):
+        train.create_train_state(tiny_config, Linear(), (28, 28), optax.sgd(0.5))
 
 
 def test_a_model_with_another_number_of_outputs_than_classes_is_refused(tiny_config):
