@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import functools
 import hashlib
 import json
 import logging
@@ -28,6 +27,7 @@ import re
 import shutil
 import socket
 import time
+import typing
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -243,7 +243,8 @@ class RunDir:
         self.manager.save(record["epoch"], metrics=best, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state),
             config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
-            record=ocp.args.JsonSave(record | {"state_sha256": state_digest(state)})))
+            record=ocp.args.JsonSave(record | {"state_sha256": state_digest(state)} | (
+                {"variables_sha256": _variables_digest(state)} if isinstance(state, _HasVariables) else {}))))
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -295,8 +296,22 @@ def _take_lock(path: Path) -> TextIO:
 
 
 def _without_digest(record: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's record as metrics.jsonl keeps it: without the state's SHA-256."""
-    return {k: v for k, v in record.items() if k != "state_sha256"}
+    """A checkpoint's record as metrics.jsonl keeps it: without the state's SHA-256s."""
+    return {k: v for k, v in record.items() if k not in ("state_sha256", "variables_sha256")}
+
+
+@typing.runtime_checkable
+class _HasVariables(typing.Protocol):
+    """What evaluation reads of a train state (a RunDir may save any pytree)."""
+    params: Any
+    model_state: Any
+    ema_params: Any
+
+
+def _variables_digest(state: Any) -> str:
+    """SHA-256 of what evaluation reads (parameters, other collections, their average): checkable where the
+    optimizer state's structure is unknown (a tx given from Python, restored without it)."""
+    return state_digest((state.params, state.model_state, state.ema_params))
 
 
 def read_records(workdir: str | Path) -> list[dict[str, Any]]:
@@ -440,7 +455,7 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         if tx is None and meta.record.get("custom_tx"):  # its optimizer state has a structure only that tx knows
             warnings.warn(f"{directory} was trained with an optimizer given from Python (tx=); restored without it, "
                           "its state evaluates, but pass tx= to train it on", stacklevel=4)
-            return _AsSaved(functools.partial(_with_saved_opt_state, abstract))
+            return _AsSaved(abstract)
         return abstract
 
     try:
@@ -458,8 +473,9 @@ def _first_device() -> jax.sharding.Sharding:
 
 @dataclasses.dataclass(frozen=True)
 class _AsSaved:
-    """Read a checkpoint's state as saved (nested dicts, no target) and `build` the state from that."""
-    build: Callable[[Any], Any]
+    """The train state to restore, but for its optimizer state, whose structure only an unknown tx has: read as
+    saved (nested dicts) where it differs from `abstract`'s."""
+    abstract: Any
 
 
 def _with_saved_opt_state(abstract: Any, saved: dict[str, Any]) -> Any:
@@ -476,6 +492,21 @@ def _with_saved_opt_state(abstract: Any, saved: dict[str, Any]) -> Any:
         raise ValueError(f"tree structures do not match ({error})") from error
     sharding = jax.tree.leaves(abstract)[0].sharding
     return abstract.replace(opt_state=jax.device_put(saved["opt_state"], sharding), **fields)
+
+
+def _read_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[Any, bool]:
+    """The train state of checkpoint `step`, and whether its optimizer state was read as saved (see `_AsSaved`)."""
+    target = abstract.abstract if isinstance(abstract, _AsSaved) else abstract
+    try:
+        return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state, False
+    except Exception as error:
+        if not isinstance(abstract, _AsSaved) or "tree structures do not match" not in str(error):
+            raise
+    # Placed where the target's arrays go: the devices that saved it may not all be here.
+    sharding = jax.tree.leaves(target)[0].sharding
+    saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
+        fallback_sharding=sharding))).state
+    return _with_saved_opt_state(target, saved), True
 
 
 def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstract_state: Callable[[Any], Any],
@@ -495,13 +526,13 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
             raise ValueError(f"{where} was saved with a config this digits_jax cannot use: {error}. Restore it "
                              "with the digits_jax version that trained it") from error
         try:
-            if isinstance(abstract, _AsSaved):
-                saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore())).state
-                # Not checked against the SHA-256: that is of the state in its own structure, unknown here.
-                return step, abstract.build(saved), meta
-            state = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))).state
-            saved_digest = meta.record.get("state_sha256")  # absent in checkpoints saved before it existed
-            if saved_digest is not None and state_digest(state) != saved_digest:
+            state, as_saved = _read_state(manager, step, abstract)
+            # An optimizer state read as saved may order its leaves otherwise than the state's SHA-256 did: the
+            # evaluated variables have their own (checkpoints from before it: the whole state's, as most match).
+            key = "variables_sha256" if as_saved and "variables_sha256" in meta.record else "state_sha256"
+            digest = _variables_digest if key == "variables_sha256" else state_digest
+            saved_digest = meta.record.get(key)  # absent in checkpoints saved before it existed
+            if saved_digest is not None and digest(state) != saved_digest:
                 raise ValueError("its state does not match the SHA-256 saved with it")
             return step, state, meta
         except Exception as error:  # noqa: BLE001 -- as above

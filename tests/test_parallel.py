@@ -11,10 +11,11 @@ import sys
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from digits_jax import checkpoint, data, parallel, train
-from tests.conftest import REPO
+from tests.conftest import REPO, one_device
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +194,32 @@ def test_open_mpi_without_a_coordinator_uri_and_a_partial_mesh_of_a_job_are_refu
     with pytest.raises(ValueError, match=r"config.num_devices = 1 in a job of 2 processes: .*leave it 0"):
         parallel.make_mesh(1)
     assert parallel.make_mesh(0).size == len(jax.devices())
+
+
+def test_a_run_with_its_own_tx_evaluates_without_it_on_one_device_and_its_damage_is_found(tmp_path, tiny_config,
+                                                                                          tiny_data):
+    """Restored without its tx, its state was read onto the devices that saved it ('Topology mismatch' in a process
+    with fewer: the intact run called damaged), and without a SHA-256 check (flipped bytes restored silently)."""
+    workdir = tmp_path / "sgd"
+    train.train_and_evaluate(tiny_config.replace(num_devices=8), workdir, tx=optax.sgd(0.05, momentum=0.9),
+                             datasets=tiny_data)
+    recorded = checkpoint.read_records(workdir)[-1]["test_accuracy"]
+    script = ("import warnings, digits_jax\nwarnings.simplefilter('ignore')\nr = digits_jax.restore(WORKDIR)\n"
+              "test = {k: v[:2000] for k, v in digits_jax.load(r.config, ('test',))['test'].items()}\n"
+              "print(r.epoch, digits_jax.evaluate(r.state.apply_fn, r.state.variables, test).accuracy)")
+    one = subprocess.run([sys.executable, "-c", script.replace("WORKDIR", repr(str(workdir)))], cwd=REPO,
+                         env=one_device(), capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr
+    assert one.stdout.split() == ["2", str(recorded)]
+    damaged = tmp_path / "damaged"
+    shutil.copytree(workdir, damaged)
+    state_files = [p for p in (damaged / "checkpoints" / "2" / "state").rglob("*") if p.is_file()]
+    largest = max(state_files, key=lambda p: p.stat().st_size)
+    flipped = bytearray(largest.read_bytes())
+    for i in range(len(flipped) // 3, len(flipped) // 3 + 64):
+        flipped[i] ^= 0xFF
+    largest.write_bytes(bytes(flipped))
+    with pytest.warns(UserWarning) as caught:  # the skipped checkpoint and the tx it was not given
+        assert checkpoint.restore(damaged, step="latest").epoch == 1
+    assert any(isinstance(w.message, checkpoint.CheckpointSkippedWarning) and "checkpoints/2" in str(w.message)
+               for w in caught)
