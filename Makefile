@@ -13,15 +13,18 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # GPU=1 (or yes, true) installs jax with CUDA 12 wheels instead of the CPU build; each flavour has its own stamp.
 # Without GPU a .venv keeps the flavour it has; GPU=0 (no, false) goes back to the CPU build and removes the CUDA
 # plugin that GPU=1 left (JAX would otherwise look for a GPU).
+# Other values are an error on the command line; from the environment (set for something else) they mean off.
 ifeq ($(strip $(GPU)),)
 GPU_ON := $(wildcard $(VENV)/.installed-cuda12)
-else ifneq ($(filter-out 0 1 yes no true false,$(GPU)),)
-$(error GPU=$(GPU): write GPU=1 (the CUDA 12 build) or GPU=0 (the CPU build))
-else
+else ifneq ($(origin GPU)$(filter-out 0 1 yes no true false,$(GPU)),command line$(GPU))
 GPU_ON := $(filter 1 yes true,$(GPU))
+else
+$(error GPU=$(GPU): write GPU=1 (the CUDA 12 build) or GPU=0 (the CPU build))
 endif
-ifneq ($(filter-out 0 1 yes no true false,$(RESUME)),)
+ifeq ($(origin RESUME)$(filter-out 0 1 yes no true false,$(RESUME)),command line$(RESUME))
+ifneq ($(RESUME),)
 $(error RESUME=$(RESUME): write RESUME=1 (continue runs/default) or RESUME=0)
+endif
 endif
 FLAVOUR := $(if $(GPU_ON),cuda12,cpu)
 JAX_SPEC := $(if $(GPU_ON),jax[cuda12],jax)

@@ -204,6 +204,7 @@ def train_epoch(state: TrainState, train_data: Batch, batch_size: int,
     Returns:
       (state after the epoch, metric sums over the epoch).
     """
+    data.check_split(train_data, "train_epoch()'s train_data")  # at trace time; the gather would clamp indices
     order = epoch_order(state.rng, state.epoch, train_data["label"].shape[0], batch_size)
 
     def body(state: TrainState, indices: jax.Array) -> tuple[TrainState, metrics.Metrics]:

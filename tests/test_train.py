@@ -205,6 +205,9 @@ def test_batch_larger_than_training_split_is_an_error(tmp_path, tiny_config, tin
         train.train_epoch(state, train_data, 1024)
     with pytest.raises(ValueError, match=r"batch_size = 0: must be an integer >= 1"):
         train.train_epoch(state, train_data, 0)
+    with pytest.raises(data.DataError, match=r"train_epoch\(\)'s train_data: labels are int32 of shape \(512,\) for "
+                                             r"500 images"):  # trained on: the gather clamped indices past 500
+        train.train_epoch(state, {"image": train_data["image"][:500], "label": train_data["label"]}, 64)
 
 
 def test_preprocess_scales_uint8_to_unit_interval():
