@@ -213,12 +213,12 @@ def test_a_run_with_its_own_tx_evaluates_without_it_on_one_device_and_its_damage
     assert one.stdout.split() == ["2", str(recorded)]
     damaged = tmp_path / "damaged"
     shutil.copytree(workdir, damaged)
-    state_files = [p for p in (damaged / "checkpoints" / "2" / "state").rglob("*") if p.is_file()]
-    largest = max(state_files, key=lambda p: p.stat().st_size)
-    flipped = bytearray(largest.read_bytes())
-    for i in range(len(flipped) // 3, len(flipped) // 3 + 64):
-        flipped[i] ^= 0xFF
-    largest.write_bytes(bytes(flipped))
+    # Every array file's middle, so that the parameters are hit too (a file may hold only optimizer state).
+    for path in (damaged / "checkpoints" / "2" / "state").glob("ocdbt.process_*/d/*"):
+        flipped = bytearray(path.read_bytes())
+        for i in range(len(flipped) // 10, len(flipped) * 9 // 10):
+            flipped[i] ^= 0xFF
+        path.write_bytes(bytes(flipped))
     with pytest.warns(UserWarning) as caught:  # the skipped checkpoint and the tx it was not given
         assert checkpoint.restore(damaged, step="latest").epoch == 1
     assert any(isinstance(w.message, checkpoint.CheckpointSkippedWarning) and "checkpoints/2" in str(w.message)
