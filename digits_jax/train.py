@@ -418,6 +418,17 @@ def _check_finite(state: TrainState, sums: metrics.Metrics, workdir: Path) -> No
                          "(--resume keeps the run's config), or check the data for corrupt values")
 
 
+def _check_settings_take_effect(config: Config, steps_per_epoch: int) -> None:
+    """Raises ValueError for settings a new run would ignore (Config refuses most; these need the steps per
+    epoch, or came after runs were saved with them)."""
+    if config.b2 != Config.b2 and config.optimizer == "sgd":
+        raise ValueError(f"config.b2 = {config.b2!r} has no effect with optimizer='sgd' (b1 is its momentum): set it "
+                         f"back to {Config.b2}, or use adam or adamw")
+    if config.warmup_epochs > 0 and round(config.warmup_epochs * steps_per_epoch) == 0:
+        raise ValueError(f"config.warmup_epochs = {config.warmup_epochs!r} is less than half a step of "
+                         f"{steps_per_epoch} per epoch: no warm-up at all; raise it or set 0")
+
+
 def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = False, model: nn.Module | None = None,
                        tx: optax.GradientTransformation | None = None,
                        datasets: dict[str, dict[str, np.ndarray]] | None = None) -> TrainState:
@@ -455,6 +466,8 @@ def train_and_evaluate(config: Config, workdir: str | Path, *, resume: bool = Fa
     train = datasets["train"]
     steps_per_epoch = _steps_per_epoch(len(train["label"]), config.batch_size, "config.batch_size")
     _check_tta_shift(config.tta_shift, train["image"].shape[1:3])  # before the run directory is made
+    if checkpoint.latest_epoch(workdir) is None:  # a run that starts now, not one saved by an older version
+        _check_settings_take_effect(config, steps_per_epoch)
     registered = models.create(config.model, config.num_classes)
     model = model if model is not None else registered
     # A module other than config.model's is recorded, so that restoring the run asks for it.

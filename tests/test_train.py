@@ -196,6 +196,28 @@ def test_a_tta_shift_as_large_as_the_images_is_refused_before_the_run_directory_
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("changes,message", [
+    ({"optimizer": "sgd", "b2": 0.9}, r"config.b2 = 0.9 has no effect with optimizer='sgd' \(b1 is its momentum\): "
+                                      r"set it back to 0.999"),
+    ({"schedule": "cosine", "warmup_epochs": 0.01}, r"config.warmup_epochs = 0.01 is less than half a step of 8 per "
+                                                    r"epoch: no warm-up at all"),
+])
+def test_settings_a_new_run_would_ignore_are_refused_but_saved_runs_restore(tmp_path, tiny_config, tiny_data,
+                                                                             changes, message):
+    """Both trained silently (no warm-up at all, b2 unused). As Config rules they had refused to restore runs saved
+    with them, with advice to downgrade: they apply to runs that start, not to saved ones."""
+    config = tiny_config.replace(epochs=1, **changes)
+    with pytest.raises(ValueError, match=message):
+        train.train_and_evaluate(config, tmp_path / "new", datasets=tiny_data)
+    assert not (tmp_path / "new").exists()
+    saved = tmp_path / "saved"  # as an older version saved it
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train, "_check_settings_take_effect", lambda *args: None)
+        train.train_and_evaluate(config, saved, datasets=tiny_data)
+    assert checkpoint.restore(saved).config == config
+    train.train_and_evaluate(config, saved, resume=True, datasets=tiny_data)  # finished: nothing to train
+
+
 def test_batch_larger_than_training_split_is_an_error(tmp_path, tiny_config, tiny_data):
     with pytest.raises(ValueError, match=r"batch_size \(4096\) is larger than the training split"):
         train.train_and_evaluate(tiny_config.replace(batch_size=4096), tmp_path, datasets=tiny_data)
