@@ -13,19 +13,13 @@ export GLIBC_TUNABLES ?= glibc.malloc.hugetlb=1
 # GPU=1 (or yes, true) installs jax with CUDA 12 wheels instead of the CPU build; each flavour has its own stamp.
 # Without GPU a .venv keeps the flavour it has; GPU=0 (no, false) goes back to the CPU build and removes the CUDA
 # plugin that GPU=1 left (JAX would otherwise look for a GPU).
-# Other values are an error on the command line; from the environment (set for something else) they mean off.
-ifeq ($(strip $(GPU)),)
-GPU_ON := $(wildcard $(VENV)/.installed-cuda12)
-else ifneq ($(origin GPU)$(filter-out 0 1 yes no true false,$(GPU)),command line$(GPU))
-GPU_ON := $(filter 1 yes true,$(GPU))
-else
-$(error GPU=$(GPU): write GPU=1 (the CUDA 12 build) or GPU=0 (the CPU build))
-endif
-ifeq ($(origin RESUME)$(filter-out 0 1 yes no true false,$(RESUME)),command line$(RESUME))
-ifneq ($(RESUME),)
-$(error RESUME=$(RESUME): write RESUME=1 (continue runs/default) or RESUME=0)
-endif
-endif
+# Other values are an error on the command line; from the environment (set for something else) they are ignored.
+FLAGS := 0 1 yes no true false
+valid = $(if $(filter-out $(FLAGS),$(1))$(word 2,$(1)),$(if $(filter command line,$(origin $(2))),$(error \
+	$(2)=$(1): write $(2)=1 or $(2)=0)),ok)
+GPU_ON := $(if $(and $(strip $(GPU)),$(call valid,$(GPU),GPU)),$(filter 1 yes true,$(GPU)),$(wildcard \
+	$(VENV)/.installed-cuda12))
+RESUME_ON := $(if $(call valid,$(RESUME),RESUME),$(filter 1 yes true,$(RESUME)))
 FLAVOUR := $(if $(GPU_ON),cuda12,cpu)
 JAX_SPEC := $(if $(GPU_ON),jax[cuda12],jax)
 STAMP := $(VENV)/.installed-$(FLAVOUR)
@@ -43,7 +37,7 @@ $(STAMP): pyproject.toml constraints.txt
 setup: $(STAMP)
 
 train: setup  ## train the default config into runs/default and report its test accuracy
-	$(PY) -m digits_jax train --config default --workdir runs/default $(if $(filter 1 yes true,$(RESUME)),--resume) $(ARGS)
+	$(PY) -m digits_jax train --config default --workdir runs/default $(if $(RESUME_ON),--resume) $(ARGS)
 
 seed: setup  ## the original Keras recipe (Adam 1e-4, 10 epochs)
 	$(PY) experiments/seed.py $(ARGS)

@@ -527,11 +527,11 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
                              "with the digits_jax version that trained it") from error
         try:
             state, as_saved = _read_state(manager, step, abstract)
-            # An optimizer state read as saved may order its leaves otherwise than the state's SHA-256 did: the
-            # evaluated variables have their own (checkpoints from before it: the whole state's, as most match).
-            key = "variables_sha256" if as_saved and "variables_sha256" in meta.record else "state_sha256"
-            digest = _variables_digest if key == "variables_sha256" else state_digest
-            saved_digest = meta.record.get(key)  # absent in checkpoints saved before it existed
+            # An optimizer state read as saved may order its leaves otherwise than the state's SHA-256 did (fields
+            # not in alphabetical order): the evaluated variables have their own SHA-256.
+            key = "variables_sha256" if as_saved else "state_sha256"
+            digest = _variables_digest if as_saved else state_digest
+            saved_digest = meta.record.get(key)  # absent in checkpoints saved before it existed: not checked
             if saved_digest is not None and digest(state) != saved_digest:
                 raise ValueError("its state does not match the SHA-256 saved with it")
             return step, state, meta

@@ -49,8 +49,10 @@ def test_make_flags_read_0_and_no_as_off(tmp_path, value, on, installed):
     assert ("'jax[cuda12]'" in setup) == gpu and ("pip uninstall" in setup) != gpu
     assert ("--resume" in plan("train", f"RESUME={value}").stdout) == bool(on)
     refused = plan("setup", "GPU=True", check=False)
-    assert refused.returncode == 2 and "GPU=True: write GPU=1 (the CUDA 12 build) or GPU=0" in refused.stderr
-    # From the environment (set for something else) such values mean off, and stop no target.
-    from_environment = subprocess.run(["make", "-n", "-B", f"VENV={tmp_path}", "train"], cwd=REPO, text=True,
+    assert refused.returncode == 2 and "GPU=True: write GPU=1 or GPU=0" in refused.stderr
+    assert plan("setup", "GPU=1 x", check=False).returncode == 2  # not read as its first word
+    # From the environment (set for something else) such values are ignored, and stop no target.
+    from_environment = subprocess.run(["make", "-n", "-B", f"VENV={tmp_path}", "setup", "train"], cwd=REPO, text=True,
                                       capture_output=True, check=True, env=os.environ | {"GPU": "0,1", "RESUME": "y"})
     assert "--resume" not in from_environment.stdout
+    assert ("'jax[cuda12]'" in from_environment.stdout) == (installed == "cuda12")  # the .venv keeps its build

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -378,6 +379,18 @@ def test_a_run_trained_with_a_tx_from_python_resumes_only_with_one(tmp_path, tin
     with_tx = checkpoint.restore(tmp_path, tx=tx)
     for a, b in zip(jax.tree.leaves(restored.state), jax.tree.leaves(with_tx.state), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_run_with_its_own_tx_saved_before_the_variables_digest_restores_without_it(tmp_path, tiny_config,
+                                                                                      tiny_data):
+    """Its whole state's SHA-256 orders the optimizer state's fields as the tx does (apply_if_finite: not
+    alphabetically); read as saved they come sorted, and the intact run was called damaged."""
+    train.train_and_evaluate(tiny_config.replace(epochs=1), tmp_path, tx=optax.apply_if_finite(optax.sgd(0.05), 5),
+                             datasets=tiny_data)
+    saved = tmp_path / "checkpoints" / "1" / "record" / "metadata"
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "variables_sha256"}))
+    with pytest.warns(UserWarning, match="restored without it, its state evaluates"):
+        assert checkpoint.restore(tmp_path).epoch == 1
 
 
 class Linear(nn.Module):
