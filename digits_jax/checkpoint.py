@@ -192,11 +192,10 @@ class RunDir:
         # The checkpoint's own record replaces a lost or stale line for its epoch; the older checkpoints kept give
         # back theirs where metrics.jsonl lost them (the best one's, above all: summaries choose by the records).
         by_epoch = {r["epoch"]: r for r in read_records(self.path) if r["epoch"] < epoch}
-        for older in sorted(set(self.manager.all_steps()) - set(by_epoch)):
-            if older < epoch:
-                with contextlib.suppress(Exception):  # a damaged older checkpoint: its record stays lost
-                    by_epoch[older] = self.manager.restore(older, args=ocp.args.Composite(
-                        record=ocp.args.JsonRestore())).record
+        for older in sorted(step for step in steps if step < epoch and step not in by_epoch):
+            with contextlib.suppress(Exception):  # a damaged older checkpoint: its record stays lost
+                by_epoch[older] = self.manager.restore(older, args=ocp.args.Composite(
+                    record=ocp.args.JsonRestore())).record
         self.records = [_without_digest(by_epoch[e]) for e in sorted(by_epoch)] + [_without_digest(meta.record)]
         if self.primary:
             for damaged in steps[:steps.index(epoch)]:  # set aside, so that its epoch can be saved again
@@ -478,8 +477,9 @@ class _AsSaved:
     abstract: Any
 
 
-def _with_saved_opt_state(abstract: Any, saved: dict[str, Any]) -> Any:
-    """`abstract`'s TrainState filled from `saved` (a state read as saved), its opt_state kept as read."""
+def _with_saved_opt_state(abstract: Any, saved: dict[str, Any], sharding: jax.sharding.Sharding) -> Any:
+    """`abstract`'s TrainState filled from `saved` (a state read as saved), its opt_state kept as read and put on
+    `sharding`."""
     def place(a: jax.ShapeDtypeStruct, value: Any) -> jax.Array:
         if np.shape(value) != a.shape:
             raise ValueError(f"Requested shape: {a.shape} is not compatible with the stored shape: {np.shape(value)}")
@@ -490,7 +490,6 @@ def _with_saved_opt_state(abstract: Any, saved: dict[str, Any]) -> Any:
                   for name in ("step", "epoch", "rng", "params", "model_state", "ema_params")}
     except (KeyError, TypeError) as error:  # named as Orbax names it, so that it is not taken for damage
         raise ValueError(f"tree structures do not match ({error})") from error
-    sharding = jax.tree.leaves(abstract)[0].sharding
     return abstract.replace(opt_state=jax.device_put(saved["opt_state"], sharding), **fields)
 
 
@@ -506,7 +505,7 @@ def _read_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tup
     sharding = jax.tree.leaves(target)[0].sharding
     saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
         fallback_sharding=sharding))).state
-    return _with_saved_opt_state(target, saved), True
+    return _with_saved_opt_state(target, saved, sharding), True
 
 
 def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstract_state: Callable[[Any], Any],
