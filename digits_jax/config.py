@@ -8,6 +8,8 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import numpy as np
+
 OPTIMIZERS = ("adam", "adamw", "sgd")
 PLACEMENT_FIELDS = ("num_devices", "shard_params")
 SCHEDULES = ("constant", "cosine", "onecycle", "exponential")
@@ -49,6 +51,14 @@ class Config:
     eval_batch_size: int = 1000  # examples per evaluation step; the last batch is padded and masked
     tta_shift: int = 0  # > 0: evaluate the average over each image and 4 copies shifted by this many pixels
     keep_checkpoints: int = 2  # latest checkpoints kept, plus the best by validation accuracy
+
+    def __post_init__(self) -> None:
+        # NumPy scalars (np.int64(3) from an array, np.float32 from a sweep) become the Python numbers they hold, so that
+        # the type checks below judge the value and config.json can be written; np.float64(3.0) for an int stays a float.
+        for spec in dataclasses.fields(self):
+            value = getattr(self, spec.name)
+            if isinstance(value, np.generic):
+                object.__setattr__(self, spec.name, value.item())
 
     def replace(self, **changes: Any) -> Config:
         """Returns a copy with `changes` applied and validated."""

@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
+import numpy as np
 import pytest
 
 from digits_jax import config
@@ -23,6 +25,8 @@ from digits_jax import config
     ({"learning_rate": "1e-3"}, r"config.learning_rate = '1e-3': must be float"),
     ({"train_limit": 300.5}, r"config.train_limit = 300.5: must be int or None"),
     ({"batch_size": True}, r"config.batch_size = True: must be int"),
+    ({"batch_size": np.bool_(True)}, r"config.batch_size = True: must be int"),
+    ({"epochs": np.float64(3.0)}, r"config.epochs = 3.0: must be int"),
     ({"model": ["seed"]}, r"config.model = \['seed'\]: must be str"),
     ({"shard_params": 1}, r"config.shard_params = 1: must be bool"),
     ({"decay_rate": 0.5}, r"config.decay_rate = 0.5 has no effect with schedule='onecycle': it applies to 'exp"),
@@ -79,6 +83,16 @@ def test_json_round_trip_and_unknown_keys():
     assert config.Config.from_dict(dataclasses.asdict(c)) == c
     with pytest.raises(ValueError, match=r"unknown config keys \['colour'\]"):
         config.Config.from_dict({"colour": 1})
+
+
+def test_numpy_scalars_become_python_numbers():
+    # A sweep over np.arange/np.logspace hands the config NumPy scalars; they must be judged by value and saved.
+    c = config.tiny().replace(epochs=np.int64(3), learning_rate=np.float32(0.5), shard_params=np.bool_(True),
+                              model=np.str_("bn"))
+    assert (c.epochs, c.learning_rate, c.shard_params, c.model) == (3, 0.5, True, "bn")
+    assert [type(v) for v in (c.epochs, c.learning_rate, c.shard_params, c.model)] == [int, float, bool, str]
+    assert json.loads(c.to_json())["epochs"] == 3
+    assert c == config.tiny().replace(epochs=3, learning_rate=0.5, shard_params=True, model="bn")
 
 
 def test_unknown_preset():
