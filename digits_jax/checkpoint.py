@@ -225,6 +225,7 @@ class RunDir:
         In this order a crash anywhere leaves no checkpoint without its record; a record without its
         checkpoint is dropped on resume, when that epoch is trained again.
         """
+        record = _plain_record(self.path, record)
         epoch, step, shape = (record.get(key) for key in ("epoch", "step", "image_shape"))
         if not (type(epoch) is int and epoch >= 1 and type(step) is int and step >= epoch and isinstance(shape, list)
                 and len(shape) == 3):
@@ -260,6 +261,24 @@ class RunDir:
     def summary(self) -> dict[str, Any]:
         """{'final': last epoch's record, 'best': the record of the epoch chosen by validation accuracy}."""
         return {"final": self.records[-1], "best": best_record(self.records), "workdir": str(self.path)}
+
+
+def _plain_record(path: Path, record: dict[str, Any]) -> dict[str, Any]:
+    """`record` with NumPy and JAX values (a loss from train_epoch's metrics, an np.float32) as the Python numbers and
+    lists JSON holds; ValueError naming a key whose value JSON cannot hold."""
+    def plain(value: Any) -> Any:
+        if isinstance(value, (np.ndarray, np.generic, jax.Array)):
+            return np.asarray(value).tolist()
+        raise TypeError(f"type {type(value).__name__}")
+
+    converted = {}
+    for key, value in record.items():
+        try:
+            converted[key] = json.loads(json.dumps(value, default=plain))
+        except TypeError as error:  # nothing was written yet
+            raise ValueError(f"{path}: record[{key!r}] cannot be written to metrics.jsonl ({error}): give numbers, "
+                             "strings, and lists or dicts of them") from None
+    return converted
 
 
 def check_run_directory(path: Path) -> None:

@@ -53,8 +53,8 @@ class Config:
     keep_checkpoints: int = 2  # latest checkpoints kept, plus the best by validation accuracy
 
     def __post_init__(self) -> None:
-        # NumPy scalars (np.int64(3) from an array, np.float32 from a sweep) become the Python numbers they hold, so that
-        # the type checks below judge the value and config.json can be written; np.float64(3.0) for an int stays a float.
+        # NumPy scalars (np.int64(3) from an array, np.float32 from a sweep) become the Python numbers they hold, so
+        # that the type checks judge the value and config.json can be written; np.float64(3.0) for an int stays a float.
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
             if isinstance(value, np.generic):

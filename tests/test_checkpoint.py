@@ -313,6 +313,22 @@ def test_a_record_restore_could_not_read_back_is_refused_before_saving(tmp_path,
     assert checkpoint.latest_epoch(tmp_path) is None and checkpoint.read_records(tmp_path) == []
 
 
+def test_numpy_and_jax_values_in_a_record_are_saved_as_numbers(tmp_path, tiny_config):
+    """A record built from train_epoch's metrics or NumPy values was a bare "not JSON serializable" TypeError."""
+    state = {"w": jax.numpy.zeros(3)}
+    record = {"epoch": np.int64(1), "step": jax.numpy.int32(4), "image_shape": np.array([3, 1, 1]),
+              "train_loss": jax.numpy.float32(0.25), "validation_accuracy": np.float32(0.5), "note": "ok"}
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
+        run.restore_or_start(state, resume=False)
+        run.save(state, record)
+        with pytest.raises(ValueError, match=r"record\['opt'\] cannot be written to metrics.jsonl \(type object\)"):
+            run.save(state, {"epoch": 2, "step": 8, "image_shape": [3, 1, 1], "opt": object()})
+    expected = {"epoch": 1, "step": 4, "image_shape": [3, 1, 1], "train_loss": 0.25, "validation_accuracy": 0.5,
+                "note": "ok"}
+    assert checkpoint.read_records(tmp_path) == [expected]
+    assert checkpoint.latest_epoch(tmp_path) == 1
+
+
 def test_a_validation_accuracy_without_track_best_is_refused(tmp_path, tiny_config):
     """Orbax would keep only the latest checkpoints: the best one named by the records would be deleted unseen."""
     state = {"w": jax.numpy.zeros(3)}
