@@ -515,6 +515,9 @@ def _with_saved_opt_state(abstract: Any, saved: dict[str, Any], sharding: jax.sh
 def _read_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tuple[Any, bool]:
     """The train state of checkpoint `step`, and whether its optimizer state was read as saved (see `_AsSaved`)."""
     target = abstract.abstract if isinstance(abstract, _AsSaved) else abstract
+    mismatch = _other_shape(Path(str(manager.directory)) / str(step) / "state", target)
+    if mismatch:  # said before reading: a read refused for its shapes leaves TensorStore callbacks printing tracebacks
+        raise ValueError(f"Requested shape: {mismatch[1]} is not compatible with the stored shape: {mismatch[0]}")
     try:
         return manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target))).state, False
     except Exception as error:
@@ -525,6 +528,25 @@ def _read_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tup
     saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
         fallback_sharding=sharding))).state
     return _with_saved_opt_state(target, saved, sharding), True
+
+
+def _other_shape(directory: Path, target: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """(stored, asked for) shapes of the first array that the state saved in `directory` and `target` both have at the
+    same path but with other shapes; None if there is none, or if the metadata cannot be read (the read says why)."""
+    def names(path: Any) -> tuple[str, ...]:  # attribute, key or index alike: the saved tree has dicts for dataclasses
+        return tuple(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+
+    try:
+        stored = ocp.StandardCheckpointHandler().metadata(directory)
+    except Exception:  # noqa: BLE001 -- damaged or missing: the read that follows reports it
+        return None
+    shapes = {names(path): tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]
+              if hasattr(leaf, "shape")}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(target)[0]:
+        saved = shapes.get(names(path))
+        if saved is not None and saved != tuple(leaf.shape):
+            return saved, tuple(leaf.shape)
+    return None
 
 
 def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstract_state: Callable[[Any], Any],
