@@ -453,8 +453,9 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         custom = meta.record.get("custom_model")
         if custom and model is None:
             raise ModelNeededError(f"{directory} was trained with a model given from Python ({custom}), not the "
-                                   f"registered model {meta.config['model']!r} of its config: restore it from Python "
-                                   f"with digits_jax.restore(path, model=...) and that module")
+                                   f"registered model {meta.config['model']!r} of its config: give that module from "
+                                   "Python: digits_jax.restore(path, model=...), Predictor.from_checkpoint(path, "
+                                   "model=...) or report.write_report(path, model=...)")
         given = model and module_name(model)
         if custom and given != custom:  # the same parameter tree would restore silently into another network
             warnings.warn(f"{directory} was trained with {custom}; restoring it into {given} (renamed, or another "
@@ -474,6 +475,10 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
             warnings.warn(f"{directory} was trained with an optimizer given from Python (tx=); restored without it, "
                           "its state evaluates, but pass tx= to train it on", stacklevel=4)
             return _AsSaved(abstract)
+        if tx is None:  # a loop of one's own (RunDir.save) records no custom_tx, but may have had its own tx
+            return _AsSaved(abstract, f"{directory}: its optimizer state is not that of the config's optimizer "
+                                      f"({config.optimizer!r}, schedule {config.schedule!r}): trained with a tx of its "
+                                      "own? Restored without it, its state evaluates, but pass tx= to train it on")
         return abstract
 
     try:
@@ -492,8 +497,9 @@ def _first_device() -> jax.sharding.Sharding:
 @dataclasses.dataclass(frozen=True)
 class _AsSaved:
     """The train state to restore, but for its optimizer state, whose structure only an unknown tx has: read as
-    saved (nested dicts) where it differs from `abstract`'s."""
+    saved (nested dicts) where it differs from `abstract`'s, with `warning` issued then (if any)."""
     abstract: Any
+    warning: str | None = None
 
 
 def _with_saved_opt_state(abstract: Any, saved: dict[str, Any], sharding: jax.sharding.Sharding) -> Any:
@@ -523,6 +529,8 @@ def _read_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tup
     except Exception as error:
         if not isinstance(abstract, _AsSaved) or "tree structures do not match" not in str(error):
             raise
+    if abstract.warning:
+        warnings.warn(abstract.warning, stacklevel=4)
     # Placed where the target's arrays go: the devices that saved it may not all be here.
     sharding = jax.tree.leaves(target)[0].sharding
     saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 from matplotlib.figure import Figure
 
@@ -20,7 +21,7 @@ FIGURES = (CURVES, CONFUSION, MISTAKES)
 
 
 def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir: str | None = None,
-                 dataset: str | None = None, mistakes: int = 24) -> Path:
+                 dataset: str | None = None, mistakes: int = 24, model: nn.Module | None = None) -> Path:
     """Writes curves.png, confusion.png, mistakes.png and report.md for a run directory.
 
     Args:
@@ -29,6 +30,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
       data_dir: IDX directory for the test split; default as the run was trained.
       dataset: what `data_dir` holds, default the run's dataset; any name but "mnist" skips the MNIST checksums.
       mistakes: how many misclassified test digits to show, the most confident first.
+      model: the Flax module that was trained, when it is not a registered `config.model` (as `restore`).
     Returns:
       the path of report.md. The test figures use the best checkpoint by validation accuracy (without a
       validation split, the newest).
@@ -43,7 +45,7 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     if not records:
         raise ValueError(f"{run_dir / checkpoint.METRICS}: no epoch records; give a run directory that "
                          "`digits-jax train` wrote and that finished at least one epoch")
-    restored = checkpoint.restore(run_dir, step="best")
+    restored = checkpoint.restore(run_dir, step="best", model=model)
     config = data.with_source(restored.config, data_dir, dataset)
     test = data.load(config, ("test",))["test"]
     restored.check_images(test["image"], "test", config)

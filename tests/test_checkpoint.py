@@ -12,7 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from digits_jax import checkpoint, ensemble, models, optim, train
+from digits_jax import checkpoint, ensemble, models, optim, report, train
 from digits_jax.predict import Predictor
 
 
@@ -172,7 +172,8 @@ def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tin
     # Without it the config's model "seed" would be built: a CLI command must say what to do instead.
     with pytest.raises(checkpoint.ModelNeededError, match=r"trained with a model given from Python "
                                                           r"\(tests.test_checkpoint.TinyMLP\), not the registered "
-                                                          r"model 'seed'"):
+                                                          r"model 'seed' of its config: give that module from Python: "
+                                                          r"digits_jax.restore\(path, model=...\), Predictor"):
         checkpoint.restore(workdir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -184,6 +185,9 @@ def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tin
         checkpoint.restore(workdir, model=OtherMLP())  # the same parameter tree: it would restore silently
     images = tiny_data["test"]["image"][:8]
     predictor = Predictor.from_checkpoint(workdir, model=TinyMLP())
+    # The report too (it had no model=: the error's advice led nowhere); on all 10,000 test images, 2,000 recorded.
+    text = report.write_report(workdir, tmp_path / "report", model=TinyMLP()).read_text()
+    assert "The checkpoint with the best validation accuracy is epoch 1;" in text
     np.testing.assert_allclose(predictor.predict(images), ensemble.probabilities(  # other batch shapes: rounding
         restored.state.apply_fn, restored.state.variables, images, tta_shift=restored.config.tta_shift), rtol=1e-5)
     with pytest.raises(ValueError, match=r"trained with the module tests.test_checkpoint.TinyMLP given from Python, "

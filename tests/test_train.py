@@ -17,6 +17,7 @@ import optax
 import pytest
 
 from digits_jax import augment, checkpoint, data, ensemble, models, optim, train
+from digits_jax.predict import Predictor
 
 
 def fresh_state(config, data):
@@ -391,6 +392,30 @@ def test_a_run_with_its_own_tx_saved_before_the_variables_digest_restores_withou
     saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "variables_sha256"}))
     with pytest.warns(UserWarning, match="restored without it, its state evaluates"):
         assert checkpoint.restore(tmp_path).epoch == 1
+
+
+def test_a_loop_of_ones_own_with_its_own_tx_restores_without_it(tmp_path, tiny_config, tiny_data):
+    """RunDir.save records no custom_tx: a run saved by one's own loop (the README's, with a constant Adam where the
+    config has one-cycle) was refused by Predictor, eval and report as a state of another structure."""
+    tx = optax.adam(1e-3)
+    state = train.create_train_state(tiny_config, models.create("seed", 10), (28, 28, 1), tx)
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1, track_best=False) as run:
+        state = run.restore_or_start(state, resume=False)
+        state, _ = train.train_epoch(state, jax.device_put(tiny_data["train"]), 64)
+        run.save(state, {"epoch": int(state.epoch), "step": int(state.step), "image_shape": [28, 28, 1]})
+    with pytest.warns(UserWarning, match=r"its optimizer state is not that of the config's optimizer \('adam', "
+                                         r"schedule 'onecycle'\): trained with a tx of its own\? Restored without it"):
+        restored = checkpoint.restore(tmp_path)
+    for a, b in zip(jax.tree.leaves(restored.state.variables), jax.tree.leaves(state.variables), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with_tx = checkpoint.restore(tmp_path, tx=tx).state
+    for a, b in zip(jax.tree.leaves(with_tx), jax.tree.leaves(state), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.warns(UserWarning, match="trained with a tx of its own"):
+        predictor = Predictor.from_checkpoint(tmp_path)
+    images = tiny_data["test"]["image"][:4]
+    np.testing.assert_allclose(predictor.predict(images), ensemble.probabilities(
+        state.apply_fn, state.variables, images), rtol=1e-5)
 
 
 class Linear(nn.Module):
