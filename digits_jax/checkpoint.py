@@ -341,13 +341,21 @@ def read_records(workdir: str | Path) -> list[dict[str, Any]]:
     records = []
     for number, line in lines[:-1]:
         try:
-            records.append(json.loads(line))
-        except json.JSONDecodeError as error:
+            records.append(_record(line))
+        except ValueError as error:
             raise ValueError(f"{path}, line {number}: not a JSON record ({error}); the file was edited or damaged: "
                              "delete that line (each checkpoint also holds its epoch's record)") from None
-    with contextlib.suppress(json.JSONDecodeError):
-        records += [json.loads(line) for _, line in lines[-1:]]
+    with contextlib.suppress(ValueError):
+        records += [_record(line) for _, line in lines[-1:]]
     return records
+
+
+def _record(line: str) -> dict[str, Any]:
+    """One line of metrics.jsonl as a record; ValueError if it is not a JSON object with an integer 'epoch'."""
+    record = json.loads(line)  # a JSONDecodeError is a ValueError
+    if not (isinstance(record, dict) and type(record.get("epoch")) is int):
+        raise ValueError("not an object with an integer 'epoch'")
+    return record
 
 
 def best_record(records: list[dict[str, Any]]) -> dict[str, Any]:

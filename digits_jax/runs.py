@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from digits_jax.checkpoint import best_record, read_records
+from digits_jax.checkpoint import METRICS, best_record, read_records
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -17,33 +17,50 @@ CONFIG_COLUMNS = ("name", "model", "optimizer", "learning_rate", "schedule", "ba
 
 
 def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
-    """One row per run directory that has a config.json: key config fields (NaN where the config or a record lacks one),
-    final and best-by-validation accuracy (percent), epochs done and training seconds. A directory without a config
-    stands for the runs directly inside it (`runs/` for every run there); paths that do not exist or are not
-    directories and runs whose files cannot be read are skipped with a warning, so that one damaged directory does
-    not hide the others."""
+    """One row per run directory that has a config.json: key config fields (NaN where the config or a record lacks one)
+    and every other config field whose value differs between the runs listed, final and best-by-validation accuracy
+    (percent), epochs done and training seconds. A module or optimizer given from Python shows as its class name in
+    `model`, "custom tx" in `optimizer`. A directory without a config stands for the runs directly inside it (`runs/`
+    for every run there); paths that do not exist or are not directories and runs whose files cannot be read are
+    skipped with a warning, so that one damaged directory does not hide the others."""
     import pandas as pd  # here, not at the top: it would add 0.2 s to the start of every training process
 
-    rows = []
+    found = []
     for workdir in _run_dirs(map(Path, workdirs)):
         try:
             config = _read_config(workdir / "config.json")
             records = read_records(workdir)
+            found.append((workdir, config, records, _results(records)))
         except (OSError, ValueError) as error:  # each names its file
             warnings.warn(f"skipping {workdir}: {error}", stacklevel=2)
-            continue
-        row = {"run": str(workdir), **{k: config.get(k, float("nan")) for k in CONFIG_COLUMNS},
-               "epochs_done": records[-1]["epoch"] if records else 0}  # a lost record leaves its epoch done
-        if records:
-            final, best, nan = records[-1], best_record(records), float("nan")
-            row |= {"final_test_%": 100 * final.get("test_accuracy", nan),
+        except TypeError as error:  # a record edited by hand: e.g. "validation_accuracy": null
+            warnings.warn(f"skipping {workdir}: {workdir / METRICS} holds a record that cannot be compared ({error})",
+                          stacklevel=2)
+    others = sorted({key for _, config, _, _ in found for key in config} - set(CONFIG_COLUMNS))
+    differing = [key for key in others if len({json.dumps(config.get(key)) for _, config, _, _ in found}) > 1]
+    rows = []
+    for workdir, config, records, results in found:
+        row = {"run": str(workdir), **{k: config.get(k, float("nan")) for k in (*CONFIG_COLUMNS, *differing)}}
+        if records and records[-1].get("custom_model"):
+            row["model"] = records[-1]["custom_model"]
+        if records and records[-1].get("custom_tx"):
+            row["optimizer"] = "custom tx"
+        rows.append(row | results)
+    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+
+
+def _results(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Epochs done, final and best-by-validation accuracy (percent), training seconds of one run's records."""
+    results: dict[str, Any] = {"epochs_done": records[-1]["epoch"] if records else 0}  # a lost record: still done
+    if records:
+        final, best, nan = records[-1], best_record(records), float("nan")
+        results |= {"final_test_%": 100 * final.get("test_accuracy", nan),
                     "best_epoch": best.get("epoch", nan),
                     "best_val_%": 100 * best.get("validation_accuracy", nan),
                     "best_test_%": 100 * best.get("test_accuracy", nan),
                     "train_s": sum(r.get("train_seconds", nan) for r in records),
                     "img_per_s": final.get("images_per_second", nan)}
-        rows.append(row)
-    return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
+    return results
 
 
 def _run_dirs(paths: Iterable[Path]) -> Iterable[Path]:

@@ -332,6 +332,37 @@ def test_runs_table_of_a_folder_of_runs_lists_the_runs_inside(tmp_path):
     assert list(table["name"]) == ["a", "b"]
 
 
+def test_runs_table_shows_what_tells_the_runs_apart(tmp_path):
+    """Runs that differed in tta_shift or ema_decay, or trained a module or tx given from Python, showed the same
+    columns; a record edited by hand ('5', a null accuracy) was a traceback that hid every other run."""
+    from digits_jax import runs
+
+    def run(name, config, records):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text(json.dumps({"name": name, "model": "seed", **config}))
+        (tmp_path / name / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    run("plain", {"tta_shift": 0, "ema_decay": 0.0}, [{"epoch": 1, "test_accuracy": 0.5}])
+    run("ema", {"tta_shift": 0, "ema_decay": 0.9}, [{"epoch": 1, "test_accuracy": 0.6}])
+    run("mlp", {"tta_shift": 1, "ema_decay": 0.0}, [{"epoch": 1, "custom_model": "my.MLP", "custom_tx": True}])
+    run("null", {}, [{"epoch": 1, "validation_accuracy": 0.5}, {"epoch": 2, "validation_accuracy": None}])
+    run("number", {}, [{"epoch": 1}])
+    (tmp_path / "number" / "metrics.jsonl").write_text('5\n{"epoch": 1}\n')
+    with pytest.warns(UserWarning) as caught:
+        table = runs.table([tmp_path])
+    assert sorted(str(w.message) for w in caught) == [
+        f"skipping {tmp_path / 'null'}: {tmp_path / 'null' / 'metrics.jsonl'} holds a record that cannot be "
+        "compared ('>' not supported between instances of 'float' and 'NoneType')",
+        f"skipping {tmp_path / 'number'}: {tmp_path / 'number' / 'metrics.jsonl'}, line 1: not a JSON record (not an "
+        "object with an integer 'epoch'); the file was edited or damaged: delete that line (each checkpoint also "
+        "holds its epoch's record)"]
+    assert list(table.index) == [str(tmp_path / name) for name in ("ema", "mlp", "plain")]
+    assert table["ema_decay"].tolist() == [0.9, 0.0, 0.0] and table["tta_shift"].tolist() == [0, 1, 0]
+    assert table["model"].tolist() == ["seed", "my.MLP", "seed"]
+    assert table.loc[str(tmp_path / "mlp"), "optimizer"] == "custom tx"
+    assert "name" in table.columns and "null" not in table.columns
+
+
 def test_eval_report_and_runs_answer_surprising_input_plainly(cli_run, tmp_path, capsys):
     """--method with one checkpoint was ignored; report on a missing directory blamed its metrics.jsonl and --out
     naming a file gave a bare "[Errno 17]"; runs printed 98.76543209876543."""
