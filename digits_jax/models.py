@@ -61,8 +61,9 @@ class Conv(nn.Module):
         k, s, cin = self.kernel_size, self.strides, x.shape[-1]
         if self.patches == "winograd" and (k, s) != (3, 1):
             raise ValueError(f"Conv.patches='winograd' needs kernel_size 3 and strides 1; got {k} and {s}")
-        kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,)) if self.use_bias else 0.0
+        # float32 as nn.Conv's, also where jax_enable_x64 makes the initializers' default float64.
+        kernel = self.param("kernel", self.kernel_init, (k, k, cin, self.features), jnp.float32)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32) if self.use_bias else 0.0
         if not train:
             return jax.lax.conv_general_dilated(x, kernel, (s, s), self.padding,
                                                 dimension_numbers=("NHWC", "HWIO", "NHWC")) + bias
@@ -303,8 +304,8 @@ class BatchNorm(nn.Module):
         c = x.shape[-1]
         mean = self.variable("batch_stats", "mean", jnp.zeros, (c,), jnp.float32)
         var = self.variable("batch_stats", "var", jnp.ones, (c,), jnp.float32)
-        scale = self.param("scale", nn.initializers.ones_init(), (c,))
-        bias = self.param("bias", nn.initializers.zeros_init(), (c,))
+        scale = self.param("scale", nn.initializers.ones_init(), (c,), jnp.float32)  # float32 under x64 too, as Conv
+        bias = self.param("bias", nn.initializers.zeros_init(), (c,), jnp.float32)
         if self.use_running_average:
             return (x - mean.value) * (scale * jax.lax.rsqrt(var.value + self.epsilon)) + bias
         y, batch_mean, batch_var = _batch_norm_train(x, scale, bias, self.epsilon)

@@ -6,9 +6,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from digits_jax import models
+from digits_jax.train import create_train_state, train_step
 
 
 # Run op by op, every operation and shape compiles its own small program, and XLA:CPU took up to 4 s for each
@@ -349,3 +351,16 @@ def test_max_pool_forward_mode_matches_flax():
     reference = jax.jvp(lambda v: nn.max_pool(v, (2, 2), (2, 2)), (x,), (tangent,))
     for a, b in zip(ours, reference, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_every_model_keeps_float32_parameters_under_x64(tiny_config):
+    """Under jax_enable_x64 the package's Conv and BatchNorm made float64 parameters, and every registered model
+    failed at its first convolution (float32 images, float64 kernel)."""
+    config = tiny_config.replace(augment="affine")
+    batch = {"image": np.zeros((4, 28, 28, 1), np.uint8), "label": np.arange(4)}
+    with jax.enable_x64(True):
+        for name in sorted(models.MODELS):
+            state = create_train_state(config, models.create(name, 10), (28, 28, 1), optax.adam(1e-3))
+            state, sums = train_step(state, batch)
+            assert {a.dtype for a in jax.tree.leaves(state.params)} == {np.dtype(np.float32)}, name
+            assert float(sums["loss"]) == pytest.approx(4 * np.log(10), rel=1e-5), name  # zero images: uniform
