@@ -389,7 +389,10 @@ def check(splits: Splits, num_classes: int, origins: dict[str, str] | None = Non
 def check_split(arrays: dict[str, Any], origin: str, num_classes: int | None = None) -> None:
     """Raises DataError, naming `origin`, unless `arrays` is {'image': (N, H, W, C) uint8, 'label': (N,) integers}
     (NumPy or device arrays), the labels in [0, num_classes) when it is given (that check reads them)."""
-    images, labels = (a if hasattr(a, "dtype") else np.asarray(a) for a in (arrays["image"], arrays["label"]))
+    for key in ("image", "label"):  # a list would pass the checks below and fail where it is put on the device
+        if not hasattr(arrays[key], "dtype"):
+            raise DataError(f"{origin}: the {key}s are a {type(arrays[key]).__name__}; give a NumPy or JAX array")
+    images, labels = arrays["image"], arrays["label"]
     if images.dtype != np.uint8 or images.ndim != 4:
         raise DataError(f"{origin}: images are {images.dtype} of shape {images.shape}; give uint8 pixels 0-255 "
                         "shaped (N, height, width, channels): the model scales them itself")

@@ -80,6 +80,7 @@ def evaluate(members: Sequence[Any], eval_data: dict[str, np.ndarray], method: s
         raise ValueError("ensemble.evaluate() needs at least one example")
     stacked = np.stack([probabilities(fn, variables, eval_data["image"], batch_size, shift)
                         for (fn, variables), shift in zip(map(_as_member, members), shifts, strict=True)])
+    data.check_split(eval_data, "ensemble.evaluate()'s eval_data", num_classes=stacked.shape[-1])
     return {"accuracy": float(np.mean(combine(stacked, method) == labels)),
             "member_accuracies": [float(np.mean(p.argmax(-1) == labels)) for p in stacked], "count": len(labels)}
 

@@ -7,6 +7,7 @@ and eval steps are the single-device ones: XLA's SPMD partitioner inserts the gr
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Any
 
@@ -49,8 +50,10 @@ def initialize() -> None:
 def make_mesh(num_devices: int = 0) -> Mesh:
     """A 1-D mesh over the first `num_devices` global devices (0: all of them), axis name "data".
 
-    Raises ValueError when more devices are asked for than there are.
+    Raises ValueError when more devices are asked for than there are, or `num_devices` is not a whole number >= 0.
     """
+    if isinstance(num_devices, bool) or not isinstance(num_devices, numbers.Integral) or num_devices < 0:
+        raise ValueError(f"num_devices = {num_devices!r}: give a whole number >= 0 (0 uses all devices)")
     devices = jax.devices()
     if num_devices > len(devices):
         raise ValueError(f"config.num_devices = {num_devices}, but only {len(devices)} {devices[0].platform} "

@@ -77,14 +77,17 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
       non-parameter collections, options those of epoch 0 (a loop of your own replaces them with each epoch's
       `train_options` when `config.clean_epochs` is set).
     """
-    if len(image_shape) != 3:
-        raise ValueError(f"image_shape = {tuple(image_shape)}: give (height, width, channels), e.g. (28, 28, 1)")
+    if np.ndim(image_shape) != 1 or len(image_shape) != 3:
+        raise ValueError(f"image_shape = {image_shape!r}: give (height, width, channels), e.g. (28, 28, 1)")
     try:
         logits, variables, rng = _init_variables(model, jax.random.PRNGKey(config.seed), tuple(image_shape))
     except ZeroDivisionError:  # what Flax's initializers raise for a layer whose input has no elements
         raise ValueError(f"{type(model).__name__} cannot take images of {tuple(image_shape)} (height, width, "
                          "channels): its convolutions and pools leave nothing of them; give larger images or another "
                          "model") from None
+    if logits.ndim != 2:  # e.g. a convolutional head not flattened: the loss fails to broadcast, deep in JAX
+        raise ValueError(f"the model gives logits of shape {logits.shape} for a batch of {logits.shape[0]} image: "
+                         "give a model that returns (batch, num_classes) logits (flatten its last features)")
     if logits.shape[-1] != config.num_classes:  # the loss would ignore the classes beyond it, or miscount
         raise ValueError(f"the model gives {logits.shape[-1]} logits per image, config.num_classes is "
                          f"{config.num_classes}: give a model with one output per class, or set num_classes")
@@ -143,7 +146,8 @@ def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, metrics.Met
 
     Args:
       state: TrainState.
-      batch: {'image': (B, H, W, C) uint8, 'label': (B,) int32}.
+      batch: {'image': (B, H, W, C) uint8, 'label': (B,) int32 in [0, num_classes): not checked here, being traced
+        (a label outside gets an all-zero target); `data.check_split` checks them.
     Returns:
       (new state, metric sums for the batch: 'loss', 'correct', 'count' (see `metrics.compute`), 'steps' (1)
       and 'nonfinite' (1 if the loss was NaN or Inf)).
@@ -354,7 +358,7 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
     n = len(eval_data["label"])
     if n == 0:
         raise ValueError("evaluate() needs at least one example")
-    eval_data, batch_size = _eval_arrays(eval_data, batch_size, mesh)
+    given, (eval_data, batch_size) = eval_data, _eval_arrays(eval_data, batch_size, mesh)
     # One compiled program slices, masks and evaluates a batch; a short host loop over ~10 batches costs nothing.
     # In one process every batch is dispatched before any result is fetched, so the device never waits for the host.
     batch_sums = []
@@ -367,6 +371,8 @@ def evaluate(apply_fn: Callable[..., jax.Array], variables: Any, eval_data: dict
             # after 40 s with only some of them at the all-reduce (the suite, beside other work, 2026-12-04).
             jax.block_until_ready(batch_sums[-1])
     sums = functools.reduce(metrics.merge, map(parallel.to_host, batch_sums))
+    # Now that the model's number of classes is known: a label outside them counts nothing but its image.
+    data.check_split(given, "evaluate()'s eval_data", num_classes=len(sums["confusion"]))
     summary = metrics.compute(sums)
     return EvalResult(accuracy=summary["accuracy"], loss=summary["loss"], count=summary["count"],
                       confusion=np.asarray(sums["confusion"]))

@@ -101,6 +101,10 @@ def test_indivisible_batches_get_a_clear_error(tmp_path, tiny_config, tiny_data)
         train.train_and_evaluate(tiny_config.replace(batch_size=60), tmp_path / "run", datasets=tiny_data)
     with pytest.raises(ValueError, match=r"num_devices = 16, but only 8 cpu devices"):
         parallel.make_mesh(16)
+    for wrong in (-1, 2.5, True):  # -1 made a mesh of 7 devices (devices[:-1])
+        with pytest.raises(ValueError, match=rf"num_devices = {wrong}: give a whole number >= 0 \(0 uses all"):
+            parallel.make_mesh(wrong)
+    assert parallel.make_mesh(np.int64(2)).size == 2
 
 
 def test_eval_batches_that_do_not_divide_are_padded_not_dropped(runs, tiny_data):

@@ -268,9 +268,40 @@ def test_evaluate_and_ensembles_refuse_labels_that_are_not_one_per_image(tiny_co
         train.train_step(state, given)
 
 
+def test_evaluate_and_ensembles_refuse_labels_outside_the_models_classes(tiny_config, tiny_data):
+    """1-based labels: each 10 added nothing to the loss and dropped out of the confusion matrix (47 of 50)."""
+    state = fresh_state(tiny_config, tiny_data)
+    given = {"image": tiny_data["test"]["image"][:64], "label": tiny_data["test"]["label"][:64] + 1}
+    outside = int(np.sum(given["label"] == 10))
+    with pytest.raises(data.DataError, match=rf"evaluate\(\)'s eval_data: {outside} labels outside \[0, 10\) "
+                                             r"\(e.g. \[10\]\)"):
+        train.evaluate(state.apply_fn, state.variables, given, 32)
+    with pytest.raises(data.DataError, match=rf"ensemble.evaluate\(\)'s eval_data: {outside} labels outside"):
+        ensemble.evaluate([state], given)
+    as_list = given | {"label": given["label"].tolist()}
+    with pytest.raises(data.DataError, match=r"evaluate\(\)'s eval_data: the labels are a list; give a NumPy or JAX "
+                                             r"array"):
+        train.evaluate(state.apply_fn, state.variables, as_list, 32)
+
+
 def test_an_image_shape_without_channels_is_named(tiny_config):
     with pytest.raises(ValueError, match=r"image_shape = \(28, 28\): give \(height, width, channels\)"):
         train.create_train_state(tiny_config, Linear(), (28, 28), optax.sgd(0.5))
+    with pytest.raises(ValueError, match=r"image_shape = 784: give \(height, width, channels\)"):
+        train.create_train_state(tiny_config, Linear(), 784, optax.sgd(0.5))
+
+
+class Unflattened(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(10, (28, 28), padding="VALID")(x)  # (B, 1, 1, 10)
+
+
+def test_a_model_whose_logits_are_not_batch_by_classes_is_named(tiny_config):
+    """Its loss failed to broadcast deep inside JAX at the first step, evaluate() with a dot_general TypeError."""
+    with pytest.raises(ValueError, match=r"the model gives logits of shape \(1, 1, 1, 10\) for a batch of 1 image: "
+                                         r"give a model that returns \(batch, num_classes\) logits"):
+        train.create_train_state(tiny_config, Unflattened(), (28, 28, 1), optax.sgd(0.5))
 
 
 def test_a_model_with_another_number_of_outputs_than_classes_is_refused(tiny_config):
