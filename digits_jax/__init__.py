@@ -4,6 +4,7 @@ from digits_jax import config, data, ensemble, metrics, models, optim, parallel,
 from digits_jax.checkpoint import (
     CheckpointSkippedWarning,
     ModelNeededError,
+    OptimizerStateAsSavedWarning,
     Restored,
     RunDir,
     RunInUseError,
@@ -28,8 +29,9 @@ from digits_jax.train import (
 )
 
 __all__ = [
-    "CheckpointSkippedWarning", "Config", "DataError", "EvalResult", "ModelNeededError", "NonFiniteError", "Restored",
-    "RunDir", "RunInUseError", "TrainState", "best_record", "config", "create_train_state", "data", "ensemble",
-    "epoch_order", "eval_step", "evaluate", "load", "metrics", "models", "optim", "parallel", "predict",
-    "read_records", "restore", "runs", "state_digest", "train_and_evaluate", "train_epoch", "train_step",
+    "CheckpointSkippedWarning", "Config", "DataError", "EvalResult", "ModelNeededError", "NonFiniteError",
+    "OptimizerStateAsSavedWarning", "Restored", "RunDir", "RunInUseError", "TrainState", "best_record", "config",
+    "create_train_state", "data", "ensemble", "epoch_order", "eval_step", "evaluate", "load", "metrics", "models",
+    "optim", "parallel", "predict", "read_records", "restore", "runs", "state_digest", "train_and_evaluate",
+    "train_epoch", "train_step",
 ]

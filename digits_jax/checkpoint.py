@@ -66,6 +66,11 @@ class CheckpointSkippedWarning(UserWarning):
     """A checkpoint could not be read back intact and an older one was used."""
 
 
+class OptimizerStateAsSavedWarning(UserWarning):
+    """Restored without the tx it was trained with, a state evaluates but cannot train on: what only evaluates
+    (Predictor, eval, report) ignores it."""
+
+
 def module_name(model: nn.Module) -> str:
     """The "module.Class" name of a Flax module: what a run's record keeps as `custom_model` (a module from Python)."""
     return f"{type(model).__module__}.{type(model).__qualname__}"
@@ -481,7 +486,8 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding), shapes)
         if tx is None and meta.record.get("custom_tx"):  # its optimizer state has a structure only that tx knows
             warnings.warn(f"{directory} was trained with an optimizer given from Python (tx=); restored without it, "
-                          "its state evaluates, but pass tx= to train it on", stacklevel=4)
+                          "its state evaluates, but pass tx= to train it on", OptimizerStateAsSavedWarning,
+                          stacklevel=4)
             return _AsSaved(abstract)
         if tx is None:  # a loop of one's own (RunDir.save) records no custom_tx, but may have had its own tx
             return _AsSaved(abstract, f"{directory}: its optimizer state is not that of the config's optimizer "
@@ -538,7 +544,7 @@ def _read_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tup
         if not isinstance(abstract, _AsSaved) or "tree structures do not match" not in str(error):
             raise
     if abstract.warning:
-        warnings.warn(abstract.warning, stacklevel=4)
+        warnings.warn(abstract.warning, OptimizerStateAsSavedWarning, stacklevel=4)
     # Placed where the target's arrays go: the devices that saved it may not all be here.
     sharding = jax.tree.leaves(target)[0].sharding
     saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(

@@ -18,7 +18,7 @@ import numpy as np
 from absl import logging as absl_logging
 
 from digits_jax import config as config_lib
-from digits_jax.checkpoint import RunInUseError
+from digits_jax.checkpoint import OptimizerStateAsSavedWarning, RunInUseError
 from digits_jax.ensemble import METHODS
 from digits_jax.train import NonFiniteError
 
@@ -318,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     # Orbax and tensorflow-datasets log routine notes as absl warnings; users need only our lines.
     absl_logging.set_verbosity(absl_logging.ERROR)
     warnings.showwarning = _show_warning
+    warnings.simplefilter("ignore", OptimizerStateAsSavedWarning)  # no command trains on a restored state
     sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, sys.unraisablehook)
     resume = "; the checkpoints of finished epochs are kept: rerun with --resume to continue"
     return reporting_errors(f"digits-jax {args.command}", lambda: args.run(args),

@@ -8,6 +8,7 @@ placed in a 28x28 field so that their centre of mass sits at its centre, as brig
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -271,7 +272,9 @@ class Predictor:
 
         It predicts as `digits-jax eval` scores that checkpoint: with the run's config.tta_shift.
         """
-        restored = checkpoint.restore(path, step=step, model=model)
+        with warnings.catch_warnings():  # predicting needs no optimizer state
+            warnings.simplefilter("ignore", checkpoint.OptimizerStateAsSavedWarning)
+            restored = checkpoint.restore(path, step=step, model=model)
         return cls(restored.state.apply_fn, restored.state.variables, restored.record["image_shape"],
                    source=f"{path} (epoch {restored.epoch})", tta_shift=restored.config.tta_shift)
 

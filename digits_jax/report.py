@@ -7,6 +7,7 @@ pyplot: no display, no global backend state.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +46,9 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     if not records:
         raise ValueError(f"{run_dir / checkpoint.METRICS}: no epoch records; give a run directory that "
                          "`digits-jax train` wrote and that finished at least one epoch")
-    restored = checkpoint.restore(run_dir, step="best", model=model)
+    with warnings.catch_warnings():  # a report needs no optimizer state
+        warnings.simplefilter("ignore", checkpoint.OptimizerStateAsSavedWarning)
+        restored = checkpoint.restore(run_dir, step="best", model=model)
     config = data.with_source(restored.config, data_dir, dataset)
     test = data.load(config, ("test",))["test"]
     restored.check_images(test["image"], "test", config)
