@@ -29,7 +29,7 @@ import socket
 import time
 import typing
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -101,20 +101,26 @@ def _manager(directory: Path, keep: int = 1, read_only: bool = False,
                                            save_interval_steps=0 if read_only else 1,
                                            cleanup_tmp_directories=not read_only)
     # Orbax logs a warning whenever a manager is read-only, i.e. on every restore; nothing is wrong then.
-    absl_logger = logging.getLogger("absl")
-    absl_logger.addFilter(_read_only_notice)
-    try:
+    with _absl_without("Given directory is read only=%s"):
         return ocp.CheckpointManager(directory, options=options, item_names=("state", "config", "record"))
-    finally:
-        absl_logger.removeFilter(_read_only_notice)
 
 
 def _best_metric(metrics: dict[str, float]) -> float:
     return metrics[BEST_METRIC]
 
 
-def _read_only_notice(record: logging.LogRecord) -> bool:
-    return record.msg != "Given directory is read only=%s"
+@contextlib.contextmanager
+def _absl_without(message: str) -> Iterator[None]:
+    """Drops, while inside, the absl log records whose format string is `message`: notes Orbax logs as warnings."""
+    def other(record: logging.LogRecord) -> bool:
+        return record.msg != message
+
+    absl_logger = logging.getLogger("absl")
+    absl_logger.addFilter(other)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(other)
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -245,11 +251,13 @@ class RunDir:
                 f.write(json.dumps(record) + "\n")
         self.records.append(record)
         best = {BEST_METRIC: record[BEST_METRIC]} if BEST_METRIC in record else None
-        self.manager.save(record["epoch"], metrics=best, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
-            record=ocp.args.JsonSave(record | {"state_sha256": state_digest(state)} | (
-                {"variables_sha256": _variables_digest(state)} if isinstance(state, _HasVariables) else {}))))
+        # A record without a validation accuracy (a loop of one's own) is simply no candidate for "best".
+        with _absl_without("Requested `tracked_metric`; did not provide metrics."):
+            self.manager.save(record["epoch"], metrics=best, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state),
+                config=ocp.args.JsonSave(dataclasses.asdict(self.config)),
+                record=ocp.args.JsonSave(record | {"state_sha256": state_digest(state)} | (
+                    {"variables_sha256": _variables_digest(state)} if isinstance(state, _HasVariables) else {}))))
 
     def close(self) -> None:
         self.manager.wait_until_finished()

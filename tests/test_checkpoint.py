@@ -345,6 +345,17 @@ def test_numpy_and_jax_values_in_a_record_are_saved_as_numbers(tmp_path, tiny_co
     assert checkpoint.latest_epoch(tmp_path) == 1
 
 
+def test_a_record_without_validation_accuracy_saves_quietly_with_track_best(tmp_path, tiny_config, caplog):
+    """Orbax logged "Requested `tracked_metric`; did not provide metrics." at every save of one's own loop that
+    kept RunDir's default (track_best with a validation split)."""
+    state = {"w": jax.numpy.zeros(3)}
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
+        run.restore_or_start(state, resume=False)
+        for epoch in (1, 2):
+            run.save(state, {"epoch": epoch, "step": epoch, "image_shape": [3, 1, 1]})
+    assert "tracked_metric" not in caplog.text and checkpoint.latest_epoch(tmp_path) == 2
+
+
 def test_a_validation_accuracy_without_track_best_is_refused(tmp_path, tiny_config):
     """Orbax would keep only the latest checkpoints: the best one named by the records would be deleted unseen."""
     state = {"w": jax.numpy.zeros(3)}
