@@ -172,6 +172,18 @@ def _device_counts(text: str) -> list[int]:
     return [int(part) for part in counts]
 
 
+def check_out(parser: argparse.ArgumentParser, out: Path) -> None:
+    """Refuses an --out that could not be written, before minutes of timing whose results would be lost."""
+    if out.is_dir():
+        parser.error(f"--out {out} is a directory: give a file name in it, e.g. {out / 'bench.json'}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        parser.error(f"--out {out}: cannot make its folder ({error.strerror})")
+    if not os.access(out.parent, os.W_OK):
+        parser.error(f"--out {out}: its folder {out.parent} is not writable")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--epochs", type=int, default=3, help="compiled epochs to time; the first is warm-up")
@@ -183,9 +195,12 @@ def main() -> None:
     args = parser.parse_args()
     if args.epochs < 2:
         parser.error("--epochs must be at least 2: the first is warm-up and is not timed")
+    if args.fast_seeds < 0:
+        parser.error("--fast-seeds must be 0 (no fast preset runs) or more")
     if args.scaling_worker:
         print(json.dumps(scaling([int(n) for n in args.scaling_worker.split(",")])))
         return
+    check_out(parser, args.out)
     device = jax.devices()[0]
     report: dict = {"backend": jax.default_backend(), "device": device.device_kind, "jax": jax.__version__,
                     "cpu_count": os.cpu_count()}
@@ -223,7 +238,6 @@ def main() -> None:
         hits = sum(r["from_process_start"] is not None for r in report["fast"])
         print(f"fast preset: {hits}/{len(report['fast'])} seeds reached 99.0%")
     report["children_peak_rss_mb"] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"wrote {args.out}")
 

@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import check_out
+
 from digits_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
@@ -90,6 +92,8 @@ def one_round(epochs: int, out: Path, peers: Path) -> dict[str, Any]:
         results[name] = {"images_per_second": peer_images_per_second(name, python, script, epochs, peers)}
     fast = run("torch_fast", [torch, "torch_fast.py", "--channels-last"], peers)
     seeds = re.findall(r"seed (\d+): test_acc ([\d.]+)%.*?train ([\d.]+) s.*?process ([\d.]+) s", fast)
+    if not seeds:
+        raise ValueError(f"no 'seed N: test_acc ...' lines in torch_fast's output (changed script?):\n{fast[-1000:]}")
     results["torch_fast"] = {"seeds": [{"seed": int(s), "test_accuracy": float(a) / 100, "train_seconds": float(t),
                                         "process_seconds": float(p)} for s, a, t, p in seeds]}
     return results
@@ -114,7 +118,7 @@ def pairs_summary(pairs: list[dict[str, float]]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=None, help="rounds of every peer (default 1)")
     parser.add_argument("--pairs", type=int, default=0, help="N > 0: only ours and Keras, alternately, N times")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "bench" / "peers.json")
@@ -128,8 +132,12 @@ def main() -> None:
         parser.error("--epochs must be at least 2: every script's first epoch is warm-up and is not timed")
     if args.pairs < 0:
         parser.error("--pairs must be 0 (rounds of every peer) or more")
+    if args.pairs and args.rounds is not None:
+        parser.error("--rounds and --pairs: give one (--pairs N runs only ours and Keras, N times)")
+    if args.rounds is not None and args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.out = args.out.absolute()  # bench.py runs from the repository root
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    check_out(parser, args.out)
     if args.pairs > 0:
         pairs = [one_pair(args.epochs, args.out, args.peers) for _ in range(args.pairs)]
         args.out.write_text(json.dumps(pairs, indent=2))
@@ -137,7 +145,7 @@ def main() -> None:
         print(pairs_summary(pairs))
         print(f"wrote {args.out}")
         return
-    rounds = [one_round(args.epochs, args.out, args.peers) for _ in range(args.rounds)]
+    rounds = [one_round(args.epochs, args.out, args.peers) for _ in range(args.rounds or 1)]
     args.out.write_text(json.dumps(rounds, indent=2))
     print("\nimages/s, seed CNN at batch 128 (steady epochs), and ours/peer:")
     for i, r in enumerate(rounds):

@@ -37,6 +37,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if len(set(args.models)) < len(args.models):  # the same runs twice would weigh double in the mean and the vote
+        parser.error(f"--models {' '.join(args.models)}: name each model once")
     # Each member's seed and model come from --seeds and --models; set here, every member would be the same run.
     fixed = [a for a in args.set if a.partition("=")[0] in ("seed", "model")]
     if fixed:
@@ -44,6 +46,8 @@ def main() -> None:
     start = time.perf_counter()
     configs = [config.best().replace(model=model, seed=seed).with_overrides(args.set)
                for model in args.models for seed in range(args.seeds)]
+    if args.validation_only and configs[0].validation_size == 0:  # before hours of training, not after
+        parser.error("--validation-only: these members hold out no validation split (validation_size=0)")
     workdirs = [run_dir(c) for c in configs]
     splits = data.load(configs[0])  # the data fields are the recipe's, the same for every member
     restored = [train_blind(c, w, splits) for c, w in zip(configs, workdirs, strict=True)]
@@ -51,8 +55,6 @@ def main() -> None:
     run_config = restored[0].config
     scored = [split for split in ("validation", "test") if len(splits[split]["label"])]  # validation_size=0: none
     if args.validation_only:
-        if "validation" not in scored:
-            raise ValueError("--validation-only: these members hold out no validation split (validation_size=0)")
         scored = ["validation"]
     result = {split: ensemble.evaluate(members, splits[split], args.method, run_config.eval_batch_size,
                                        [r.config.tta_shift for r in restored]) for split in scored}

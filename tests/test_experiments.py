@@ -141,7 +141,7 @@ def test_best_and_ensemble_without_a_validation_split_test_the_last_epoch(tmp_pa
     refused = subprocess.run([sys.executable, str(REPO / "experiments" / "ensemble.py"), "--seeds", "1",
                               "--validation-only", *tiny], cwd=tmp_path, capture_output=True, text=True, timeout=300,
                              env=env)
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     assert "--validation-only: these members hold out no validation split" in refused.stderr
     # With a validation split: scored there only.
     compared = run("ensemble.py", "--seeds", "1", "--validation-only", then=("--set", "validation_size=128"))
@@ -175,6 +175,25 @@ def test_bench_peers_refuses_a_missing_peers_folder_before_timing(tmp_path):
         "there; give --peers the folder of the peer scripts (../shared/peers beside the repository)\n")
 
 
+def test_benchmarks_refuse_what_they_could_not_write_or_count_before_timing(tmp_path):
+    """An --out that is a directory failed after all the timing, every result lost; --fast-seeds -1 did one
+    unreported run; --rounds 0 wrote [] and exited 0, and --rounds beside --pairs was ignored."""
+    peers = tmp_path / "peers"
+    peers.mkdir()
+    for name in ("keras_seed.py", "torch_seed.py", "flax_seed.py", "torch_fast.py"):
+        (peers / name).write_text("")
+    for script, arguments, message in [
+        ("bench.py", ["--out", str(tmp_path)], f"--out {tmp_path} is a directory: give a file name in it"),
+        ("bench.py", ["--fast-seeds", "-1"], "--fast-seeds must be 0 (no fast preset runs) or more"),
+        ("bench_peers.py", ["--out", str(tmp_path)], f"--out {tmp_path} is a directory"),
+        ("bench_peers.py", ["--rounds", "0"], "--rounds must be at least 1"),
+        ("bench_peers.py", ["--rounds", "2", "--pairs", "3"], "--rounds and --pairs: give one"),
+    ]:
+        result = run_script(script, *arguments, *(["--peers", str(peers)] if script == "bench_peers.py" else []))
+        assert result.returncode == 2 and message in result.stderr, (arguments, result.stderr[-2000:])
+        assert "---" not in result.stdout and "seed CNN" not in result.stdout  # nothing was timed
+
+
 def test_bench_peers_pairs_summary():
     bench_peers = experiment("bench_peers")
     pairs = [{"ours": 6000.0, "keras": 5000.0, "ratio": 1.2}, {"ours": 7000.0, "keras": 4000.0, "ratio": 1.75},
@@ -197,6 +216,9 @@ def test_bench_children_take_a_share_of_a_gpu_unless_told_otherwise(monkeypatch)
     (["--seeds", "0"], "--seeds must be at least 1"),
     (["--set", "seed=3"], "--set seed=3: members take their seeds from --seeds and models from --models"),
     (["--set", "model=strided"], "--set model=strided: members take"),
+    (["--models", "bn", "strided", "bn"], "--models bn strided bn: name each model once"),  # bn counted twice
+    # Refused before any member trains (it was after all of them).
+    (["--validation-only", "--set", "validation_size=0"], "--validation-only: these members hold out no validation"),
 ])
 def test_ensemble_refuses_members_it_cannot_tell_apart(arguments, message):
     result = run_script("ensemble.py", *arguments)
