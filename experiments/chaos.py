@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from digits_jax import checkpoint
+from digits_jax import checkpoint, cli
 
 RUN = ["--config", "tiny", "--set", "train_limit=2048", "--set", "batch_size=128"]
 
@@ -46,7 +46,8 @@ def finish(workdir: Path, epochs: int) -> str:
         if process.returncode == 0:
             return checkpoint.restore(workdir, step="latest").record["state_sha256"]
         print(f"  resume exited {process.returncode}: {stderr.strip()[-300:]}")
-    raise RuntimeError(f"{workdir} did not finish after 3 resumes")
+    raise ChildProcessError(f"{workdir} did not finish after 3 resumes (their errors are above); it is kept for a "
+                            "look")
 
 
 def _saved_epochs(workdir: Path) -> list[int]:
@@ -117,13 +118,17 @@ def damage_and_recover(finished: Path, kind: str, workdir: Path) -> tuple[bool, 
     return True, f"eval fell back to epoch {epoch}" + (" with a warning" if warned else "")
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--damage", nargs="*", default=list(DAMAGE), choices=list(DAMAGE))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=6, help="epochs of the short run")
     args = parser.parse_args()
+    if args.epochs < 2:  # damage falls back to the checkpoint before the newest
+        parser.error("--epochs must be at least 2: a damaged newest checkpoint needs an older one to fall back to")
+    if args.kills < 0:
+        parser.error("--kills must be 0 or more")
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="digits-jax-chaos-"))
     start = time.perf_counter()
@@ -152,8 +157,8 @@ def main() -> None:
           f"{len(args.damage)} kinds of damage: {recovered}/{len(args.damage)} recovered to the same state "
           f"({time.perf_counter() - start:.0f} s)")
     shutil.rmtree(root)
-    sys.exit(0 if equal == args.kills and recovered == len(args.damage) else 1)
+    return 0 if equal == args.kills and recovered == len(args.damage) else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(cli.reporting_errors("chaos.py", main))

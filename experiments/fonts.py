@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--grid", help="save the mistakes and a sample of the preprocessed images to this PNG")
     args = parser.parse_args()
+    if args.per_digit < 1:
+        parser.error("--per-digit must be at least 1")
     missing = [font for font in FONTS if not (FONT_DIR / font).is_file()]
     if missing:
         raise SystemExit(f"fonts.py: {', '.join(missing)} not in {FONT_DIR}; install them (Debian: apt-get install "

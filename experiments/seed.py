@@ -10,6 +10,7 @@ Measured: 98.51% after 10 epochs, 192 s wall (163 s of it training) on the 2-cor
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from digits_jax import checkpoint, cli, config, train
 
@@ -19,6 +20,12 @@ def main() -> None:
     parser.add_argument("--workdir", default="runs/seed")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args()
+    if not args.workdir:  # an unset shell variable: it would train in the current directory
+        parser.error("--workdir is empty: give a directory, or leave it out for the default")
+    if args.resume and checkpoint.latest_epoch(args.workdir) is None:  # a mistyped --workdir would retrain silently
+        checkpoint.check_run_directory(Path(args.workdir))
+        print(f"seed.py: nothing to resume in {args.workdir} (no checkpoint there): starting a new run",
+              file=sys.stderr)
     start = time.perf_counter()
     train.train_and_evaluate(config.seed(), args.workdir, resume=args.resume)
     records = checkpoint.read_records(args.workdir)

@@ -225,6 +225,17 @@ def test_ensemble_refuses_members_it_cannot_tell_apart(arguments, message):
     assert result.returncode == 2 and message in result.stderr
 
 
+@pytest.mark.parametrize(("script", "arguments", "message"), [
+    ("seed.py", ["--workdir", ""], "--workdir is empty"),  # it trained into the current directory
+    ("chaos.py", ["--epochs", "1"], "--epochs must be at least 2: a damaged newest checkpoint needs an older one"),
+    ("chaos.py", ["--kills", "-1"], "--kills must be 0 or more"),  # "injected -1 kills: 0/-1"
+    ("fonts.py", ["--per-digit", "0"], "--per-digit must be at least 1"),  # "need at least one array to stack"
+])
+def test_scripts_refuse_impossible_arguments_before_any_work(script, arguments, message):
+    result = run_script(script, *arguments)
+    assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
+
+
 @pytest.mark.parametrize("script", ["best.py", "ensemble.py"])
 def test_scripts_report_bad_input_in_one_line_as_the_cli_does(script):
     result = run_script(script, "--set", "epochs=abc")
