@@ -64,7 +64,8 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, *, data_dir
     plot_confusion(result.confusion, title).savefig(out / CONFUSION, dpi=100)
     figure, wrong = plot_mistakes(test["image"], test["label"], probabilities, mistakes)
     figure.savefig(out / MISTAKES, dpi=100)
-    markdown = _markdown(run_dir, config.name, config.model, records, restored.epoch, result, wrong)
+    model_name = restored.record.get("custom_model") or config.model  # a module given from Python: its class
+    markdown = _markdown(run_dir, config.name, model_name, records, restored.epoch, result, wrong)
     (out / MARKDOWN).write_text(markdown)
     return out / MARKDOWN
 
@@ -78,8 +79,9 @@ def plot_curves(records: list[dict[str, Any]], chosen_epoch: int | None = None) 
     for split in ("train", "validation"):
         if f"{split}_loss" not in records[0]:
             continue
-        loss_ax.plot(epochs, [r[f"{split}_loss"] for r in records], marker="o", label=split)
-        accuracy_ax.plot(epochs, [100 * r[f"{split}_accuracy"] for r in records], marker="o", label=split)
+        nan = float("nan")  # a record without the value (edited, or from an older version): a gap in the line
+        loss_ax.plot(epochs, [r.get(f"{split}_loss", nan) for r in records], marker="o", label=split)
+        accuracy_ax.plot(epochs, [100 * r.get(f"{split}_accuracy", nan) for r in records], marker="o", label=split)
     for ax, label in ((loss_ax, "mean cross-entropy loss"), (accuracy_ax, "accuracy (%)")):
         if chosen_epoch is not None:
             ax.axvline(chosen_epoch, color="gray", linestyle=":", label=f"chosen epoch ({chosen_epoch})")
@@ -142,15 +144,22 @@ def plot_mistakes(images: np.ndarray, labels: np.ndarray, probabilities: np.ndar
 def _markdown(run_dir: Path, name: str, model: str, records: list[dict[str, Any]], epoch: int,
               result: train.EvalResult, wrong: int) -> str:
     per_class = result.per_class_accuracy
-    hardest = np.argsort(per_class, kind="stable")[:3]
+    present = np.flatnonzero(result.confusion.sum(axis=1))  # a class without test images has no accuracy (NaN)
+    hardest = present[np.argsort(per_class[present], kind="stable")][:3]
     off_diagonal = result.confusion - np.diag(np.diag(result.confusion))
     true, predicted = np.unravel_index(off_diagonal.argmax(), off_diagonal.shape)
     confusions = (f"The most frequent confusion is a true {true} read as {predicted} ({off_diagonal[true, predicted]} "
                   "times). " if off_diagonal.any() else "")
     # As restore(step="best") chose it: by validation accuracy where the run has a validation split.
     validated = any(checkpoint.BEST_METRIC in r for r in records)
-    chosen = ("The checkpoint with the best validation accuracy is" if validated
-              else "Without a validation split, the report uses the newest checkpoint,")
+    best = checkpoint.best_record(records)["epoch"]
+    if validated and best != epoch:  # restore() warned that it skipped a damaged checkpoint
+        chosen = (f"The checkpoint with the best validation accuracy, epoch {best}, could not be read (damaged); the "
+                  "report uses the next best,")
+    elif validated:
+        chosen = "The checkpoint with the best validation accuracy is"
+    else:
+        chosen = "Without a validation split, the report uses the newest checkpoint,"
     return "\n".join([
         f"# Run report: {run_dir}",
         "",

@@ -188,6 +188,7 @@ def test_a_run_of_a_module_given_from_python_restores_only_with_it(tmp_path, tin
     # The report too (it had no model=: the error's advice led nowhere); on all 10,000 test images, 2,000 recorded.
     text = report.write_report(workdir, tmp_path / "report", model=TinyMLP()).read_text()
     assert "The checkpoint with the best validation accuracy is epoch 1;" in text
+    assert "model `tests.test_checkpoint.TinyMLP`" in text  # not config.model's "seed"
     np.testing.assert_allclose(predictor.predict(images), ensemble.probabilities(  # other batch shapes: rounding
         restored.state.apply_fn, restored.state.variables, images, tta_shift=restored.config.tta_shift), rtol=1e-5)
     with pytest.raises(ValueError, match=r"trained with the module tests.test_checkpoint.TinyMLP given from Python, "

@@ -44,6 +44,26 @@ def test_report_of_a_run_without_validation_names_the_newest_checkpoint(tmp_path
     assert "best validation accuracy" not in text
 
 
+def test_the_page_names_a_damaged_best_checkpoint_and_only_digits_that_were_tested(tmp_path):
+    """It said "the best validation accuracy is epoch 2" where epoch 3 was best but damaged, listed a digit without
+    test images as a hardest one ("0 (nan%)"), and plot_curves failed on a record without validation_loss."""
+    confusion = np.zeros((10, 10), np.int64)
+    confusion[1, 1], confusion[7, 7], confusion[7, 1] = 50, 40, 10  # only 1s and 7s
+    result = train.EvalResult(accuracy=0.9, loss=0.3, count=100, confusion=confusion)
+    records = [{"epoch": 1, "validation_accuracy": 0.5, "validation_loss": 1.0, "train_loss": 1.0,
+                "train_accuracy": 0.5},
+               {"epoch": 2, "validation_accuracy": 0.8, "train_loss": 0.5, "train_accuracy": 0.8},
+               {"epoch": 3, "validation_accuracy": 0.9, "validation_loss": 0.4, "train_loss": 0.4,
+                "train_accuracy": 0.9}]
+    text = report._markdown(tmp_path, "tiny", "my.MLP", records, 2, result, 10)
+    assert ("The checkpoint with the best validation accuracy, epoch 3, could not be read (damaged); the report uses "
+            "the next best, epoch 2;") in text
+    assert "The hardest digits: 7 (80.0%), 1 (100.0%)." in text and "model `my.MLP`" in text
+    assert "The checkpoint with the best validation accuracy is epoch 3;" in report._markdown(
+        tmp_path, "tiny", "seed", records, 3, result, 10)
+    report.plot_curves(records, 2)
+
+
 def test_mistakes_are_the_most_confident_wrong_predictions():
     images = np.zeros((4, 28, 28, 1), np.uint8)
     labels = np.array([0, 1, 2, 3])
