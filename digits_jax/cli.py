@@ -287,6 +287,10 @@ def _stdout_reader_gone() -> bool:
         return False
 
 
+# What to do after Ctrl-C stopped a training run.
+RESUME_HINT = "; the checkpoints of finished epochs are kept: rerun with --resume to continue"
+
+
 def reporting_errors(prog: str, run: Callable[[], int | None], interrupted: str = "") -> int:
     """Calls `run()` and returns its exit code (None: 0); bad input or state (ValueError, OSError, a run in use,
     NaN in training) is one line `PROG: error: MESSAGE` on stderr and exit code 1, not a traceback; Ctrl-C is one
@@ -320,9 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.showwarning = _show_warning
     warnings.simplefilter("ignore", OptimizerStateAsSavedWarning)  # no command trains on a restored state
     sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, sys.unraisablehook)
-    resume = "; the checkpoints of finished epochs are kept: rerun with --resume to continue"
     return reporting_errors(f"digits-jax {args.command}", lambda: args.run(args),
-                            resume if args.command == "train" else "")
+                            RESUME_HINT if args.command == "train" else "")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,9 @@ import time
 
 from digits_jax import checkpoint, cli, config, data, train
 
+# What to do after Ctrl-C: train_blind reuses finished runs and resumes the interrupted one.
+RERUN = "; rerun the same command to continue: finished runs are reused, the interrupted one resumes"
+
 
 def run_dir(run_config: config.Config) -> str:
     """Where `make best` and `make ensemble` keep the run of the best recipe with this model and seed: "-full" when
@@ -89,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("best.py", main))
+    sys.exit(cli.reporting_errors("best.py", main, RERUN))

@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from best import run_dir, train_blind
+from best import RERUN, run_dir, train_blind
 
 from digits_jax import cli, config, data, ensemble, models
 
@@ -74,4 +74,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("ensemble.py", main))
+    sys.exit(cli.reporting_errors("ensemble.py", main, RERUN))

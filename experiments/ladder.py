@@ -24,6 +24,7 @@ from pathlib import Path
 
 import jax
 import pandas as pd
+from best import RERUN
 
 from digits_jax import checkpoint, cli, config, data, ensemble, train
 from digits_jax.config import Config
@@ -141,4 +142,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("ladder.py", main))
+    sys.exit(cli.reporting_errors("ladder.py", main, RERUN))
