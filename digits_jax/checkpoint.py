@@ -535,7 +535,9 @@ def _with_saved_opt_state(abstract: Any, saved: dict[str, Any], sharding: jax.sh
     try:
         fields = {name: jax.tree.map(place, getattr(abstract, name), saved[name])
                   for name in ("step", "epoch", "rng", "params", "model_state", "ema_params")}
-    except (KeyError, TypeError) as error:  # named as Orbax names it, so that it is not taken for damage
+    except (KeyError, TypeError, ValueError) as error:  # named as Orbax names it, so that it is not taken for damage
+        if "Requested shape" in str(error):  # place()'s: arrays of other shapes, also not damage
+            raise
         raise ValueError(f"tree structures do not match ({error})") from error
     return abstract.replace(opt_state=jax.device_put(saved["opt_state"], sharding), **fields)
 
@@ -551,13 +553,14 @@ def _read_state(manager: ocp.CheckpointManager, step: int, abstract: Any) -> tup
     except Exception as error:
         if not isinstance(abstract, _AsSaved) or "tree structures do not match" not in str(error):
             raise
-    if abstract.warning:
-        warnings.warn(abstract.warning, OptimizerStateAsSavedWarning, stacklevel=4)
     # Placed where the target's arrays go: the devices that saved it may not all be here.
     sharding = jax.tree.leaves(target)[0].sharding
     saved = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(
         fallback_sharding=sharding))).state
-    return _with_saved_opt_state(target, saved, sharding), True
+    state = _with_saved_opt_state(target, saved, sharding)
+    if abstract.warning:  # now that the optimizer state is known to be all that differed
+        warnings.warn(abstract.warning, OptimizerStateAsSavedWarning, stacklevel=4)
+    return state, True
 
 
 def _other_shape(directory: Path, target: Any) -> tuple[tuple[int, ...], tuple[int, ...]] | None:

@@ -202,6 +202,12 @@ class WiderMLP(nn.Module):
         return nn.Dense(10)(jnp.concatenate([x, x], axis=-1).reshape(x.shape[0], -1))
 
 
+class RenamedMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(10, name="head")(x.reshape(x.shape[0], -1))
+
+
 def test_a_module_of_other_shapes_is_named_not_called_damaged(tmp_path, tiny_config, tiny_data, monkeypatch):
     workdir = tmp_path / "mlp"
     train.train_and_evaluate(tiny_config.replace(epochs=1), workdir, model=TinyMLP(), datasets=tiny_data)
@@ -226,6 +232,14 @@ def test_a_module_of_other_shapes_is_named_not_called_damaged(tmp_path, tiny_con
             checkpoint.restore(workdir, model=WiderMLP())
     assert reads == [] and (workdir / "checkpoints" / "1").is_dir()
     assert checkpoint.restore(workdir, model=TinyMLP()).epoch == 1 and reads == [1]
+    # Other layer names, without tx= (the state read as saved, in case only the optimizer differed): the intact
+    # checkpoint was called damaged, after a warning that its optimizer was its own.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", checkpoint.CheckpointSkippedWarning)
+        warnings.simplefilter("error", checkpoint.OptimizerStateAsSavedWarning)
+        with (pytest.raises(ValueError, match=r"checkpoints/1 holds a train state of another structure"),
+              pytest.warns(UserWarning, match="restoring it into tests.test_checkpoint.RenamedMLP")):
+            checkpoint.restore(workdir, model=RenamedMLP())
 
 
 def test_a_registered_model_given_explicitly_is_not_recorded_as_custom(tmp_path, tiny_config, tiny_data):
