@@ -77,7 +77,7 @@ def plot_curves(records: list[dict[str, Any]], chosen_epoch: int | None = None) 
     loss_ax, accuracy_ax = figure.subplots(1, 2)
     epochs = [r["epoch"] for r in records]
     for split in ("train", "validation"):
-        if f"{split}_loss" not in records[0]:
+        if not any(f"{split}_loss" in r for r in records):
             continue
         nan = float("nan")  # a record without the value (edited, or from an older version): a gap in the line
         loss_ax.plot(epochs, [r.get(f"{split}_loss", nan) for r in records], marker="o", label=split)
@@ -153,8 +153,8 @@ def _markdown(run_dir: Path, name: str, model: str, records: list[dict[str, Any]
     # As restore(step="best") chose it: by validation accuracy where the run has a validation split.
     validated = any(checkpoint.BEST_METRIC in r for r in records)
     best = checkpoint.best_record(records)["epoch"]
-    if validated and best != epoch:  # restore() warned that it skipped a damaged checkpoint
-        chosen = (f"The checkpoint with the best validation accuracy, epoch {best}, could not be read (damaged); the "
+    if validated and best != epoch:  # restore() skipped it (and warned), or it was deleted
+        chosen = (f"The checkpoint with the best validation accuracy, epoch {best}, is damaged or was not kept; the "
                   "report uses the next best,")
     elif validated:
         chosen = "The checkpoint with the best validation accuracy is"

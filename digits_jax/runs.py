@@ -53,14 +53,23 @@ def _results(records: list[dict[str, Any]]) -> dict[str, Any]:
     """Epochs done, final and best-by-validation accuracy (percent), training seconds of one run's records."""
     results: dict[str, Any] = {"epochs_done": records[-1]["epoch"] if records else 0}  # a lost record: still done
     if records:
-        final, best, nan = records[-1], best_record(records), float("nan")
-        results |= {"final_test_%": 100 * final.get("test_accuracy", nan),
-                    "best_epoch": best.get("epoch", nan),
-                    "best_val_%": 100 * best.get("validation_accuracy", nan),
-                    "best_test_%": 100 * best.get("test_accuracy", nan),
-                    "train_s": sum(r.get("train_seconds", nan) for r in records),
-                    "img_per_s": final.get("images_per_second", nan)}
+        final, best = records[-1], best_record(records)
+        results |= {"final_test_%": 100 * _number(final, "test_accuracy"),
+                    "best_epoch": best["epoch"],
+                    "best_val_%": 100 * _number(best, "validation_accuracy"),
+                    "best_test_%": 100 * _number(best, "test_accuracy"),
+                    "train_s": sum(_number(r, "train_seconds") for r in records),
+                    "img_per_s": _number(final, "images_per_second")}
     return results
+
+
+def _number(record: dict[str, Any], key: str) -> float:
+    """record[key] as a float, NaN where it is missing; TypeError where it is not a number (a record edited by hand:
+    "0.98" would be repeated 100 times as a percentage)."""
+    value = record.get(key, float("nan"))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{key} of epoch {record['epoch']} is {value!r}, not a number")
+    return float(value)
 
 
 def _run_dirs(paths: Iterable[Path]) -> Iterable[Path]:

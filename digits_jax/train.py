@@ -85,9 +85,10 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
         raise ValueError(f"{type(model).__name__} cannot take images of {tuple(image_shape)} (height, width, "
                          "channels): its convolutions and pools leave nothing of them; give larger images or another "
                          "model") from None
-    if logits.ndim != 2:  # e.g. a convolutional head not flattened: the loss fails to broadcast, deep in JAX
-        raise ValueError(f"the model gives logits of shape {logits.shape} for a batch of {logits.shape[0]} image: "
-                         "give a model that returns (batch, num_classes) logits (flatten its last features)")
+    if getattr(logits, "ndim", None) != 2:  # e.g. a convolutional head not flattened: the loss fails deep in JAX
+        given = f"logits of shape {logits.shape}" if hasattr(logits, "shape") else f"a {type(logits).__name__}"
+        raise ValueError(f"the model gives {given} for a batch of 1 image: give a model that returns (batch, "
+                         "num_classes) logits (flatten its last features)")
     if logits.shape[-1] != config.num_classes:  # the loss would ignore the classes beyond it, or miscount
         raise ValueError(f"the model gives {logits.shape[-1]} logits per image, config.num_classes is "
                          f"{config.num_classes}: give a model with one output per class, or set num_classes")

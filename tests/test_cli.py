@@ -348,6 +348,7 @@ def test_runs_table_shows_what_tells_the_runs_apart(tmp_path):
     run("null", {}, [{"epoch": 1, "validation_accuracy": 0.5}, {"epoch": 2, "validation_accuracy": None}])
     run("number", {}, [{"epoch": 1}])
     (tmp_path / "number" / "metrics.jsonl").write_text('5\n{"epoch": 1}\n')
+    run("text", {}, [{"epoch": 1, "test_accuracy": "0.98"}])  # showed "0.98" 100 times as a percentage
     with pytest.warns(UserWarning) as caught:
         table = runs.table([tmp_path])
     assert sorted(str(w.message) for w in caught) == [
@@ -355,7 +356,9 @@ def test_runs_table_shows_what_tells_the_runs_apart(tmp_path):
         "compared ('>' not supported between instances of 'float' and 'NoneType')",
         f"skipping {tmp_path / 'number'}: {tmp_path / 'number' / 'metrics.jsonl'}, line 1: not a JSON record (not an "
         "object with an integer 'epoch'); the file was edited or damaged: delete that line (each checkpoint also "
-        "holds its epoch's record)"]
+        "holds its epoch's record)",
+        f"skipping {tmp_path / 'text'}: {tmp_path / 'text' / 'metrics.jsonl'} holds a record that cannot be "
+        "compared (test_accuracy of epoch 1 is '0.98', not a number)"]
     assert list(table.index) == [str(tmp_path / name) for name in ("ema", "mlp", "plain")]
     assert table["ema_decay"].tolist() == [0.9, 0.0, 0.0] and table["tta_shift"].tolist() == [0, 1, 0]
     assert table["model"].tolist() == ["seed", "my.MLP", "seed"]

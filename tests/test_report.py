@@ -56,12 +56,16 @@ def test_the_page_names_a_damaged_best_checkpoint_and_only_digits_that_were_test
                {"epoch": 3, "validation_accuracy": 0.9, "validation_loss": 0.4, "train_loss": 0.4,
                 "train_accuracy": 0.9}]
     text = report._markdown(tmp_path, "tiny", "my.MLP", records, 2, result, 10)
-    assert ("The checkpoint with the best validation accuracy, epoch 3, could not be read (damaged); the report uses "
+    assert ("The checkpoint with the best validation accuracy, epoch 3, is damaged or was not kept; the report uses "
             "the next best, epoch 2;") in text
     assert "The hardest digits: 7 (80.0%), 1 (100.0%)." in text and "model `my.MLP`" in text
     assert "The checkpoint with the best validation accuracy is epoch 3;" in report._markdown(
         tmp_path, "tiny", "seed", records, 3, result, 10)
-    report.plot_curves(records, 2)
+    figure = report.plot_curves(records, 2)
+    assert [line.get_label() for line in figure.axes[0].lines][:2] == ["train", "validation"]
+    # A first record without validation values hid the validation line altogether.
+    figure = report.plot_curves([{"epoch": 1, "train_loss": 1.0, "train_accuracy": 0.5}, *records[1:]], 2)
+    assert [line.get_label() for line in figure.axes[0].lines][:2] == ["train", "validation"]
 
 
 def test_mistakes_are_the_most_confident_wrong_predictions():

@@ -297,11 +297,28 @@ class Unflattened(nn.Module):
         return nn.Conv(10, (28, 28), padding="VALID")(x)  # (B, 1, 1, 10)
 
 
+class Scalar(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Dense(1)(x.reshape(-1)).sum()
+
+
+class Pair(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        logits = nn.Dense(10)(x.reshape(x.shape[0], -1))
+        return logits, logits
+
+
 def test_a_model_whose_logits_are_not_batch_by_classes_is_named(tiny_config):
     """Its loss failed to broadcast deep inside JAX at the first step, evaluate() with a dot_general TypeError."""
     with pytest.raises(ValueError, match=r"the model gives logits of shape \(1, 1, 1, 10\) for a batch of 1 image: "
                                          r"give a model that returns \(batch, num_classes\) logits"):
         train.create_train_state(tiny_config, Unflattened(), (28, 28, 1), optax.sgd(0.5))
+    with pytest.raises(ValueError, match=r"the model gives logits of shape \(\) for a batch of 1 image"):
+        train.create_train_state(tiny_config, Scalar(), (28, 28, 1), optax.sgd(0.5))  # was an IndexError
+    with pytest.raises(ValueError, match=r"the model gives a tuple for a batch of 1 image"):
+        train.create_train_state(tiny_config, Pair(), (28, 28, 1), optax.sgd(0.5))  # was an AttributeError
 
 
 def test_a_model_with_another_number_of_outputs_than_classes_is_refused(tiny_config):
