@@ -53,12 +53,16 @@ class Config:
     keep_checkpoints: int = 2  # latest checkpoints kept, plus the best by validation accuracy
 
     def __post_init__(self) -> None:
-        # NumPy scalars (np.int64(3) from an array, np.float32 from a sweep) become the Python numbers they hold, so
-        # that the type checks judge the value and config.json can be written; np.float64(3.0) for an int stays a float.
+        # NumPy and JAX scalars (np.int64(3) from an array, a float32 from np.linspace or jnp.linspace) become the
+        # Python numbers they hold, so that the type checks judge the value and config.json can be written;
+        # np.float64(3.0) for an int stays a float. A float32 keeps its shortest decimal (0.1, not 0.10000000149...).
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if isinstance(value, np.generic):
-                object.__setattr__(self, spec.name, value.item())
+            if getattr(value, "shape", None) == () and hasattr(value, "dtype"):
+                plain = value.item()
+                if isinstance(plain, float) and np.dtype(value.dtype).itemsize < 8:
+                    plain = float(str(value))
+                object.__setattr__(self, spec.name, plain)
 
     def replace(self, **changes: Any) -> Config:
         """Returns a copy with `changes` applied and validated."""

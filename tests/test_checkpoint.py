@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from absl import logging as absl_logging
 
 from digits_jax import checkpoint, ensemble, models, optim, report, train
 from digits_jax.predict import Predictor
@@ -364,10 +365,15 @@ def test_a_record_without_validation_accuracy_saves_quietly_with_track_best(tmp_
     """Orbax logged "Requested `tracked_metric`; did not provide metrics." at every save of one's own loop that
     kept RunDir's default (track_best with a validation split)."""
     state = {"w": jax.numpy.zeros(3)}
-    with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
-        run.restore_or_start(state, resume=False)
-        for epoch in (1, 2):
-            run.save(state, {"epoch": epoch, "step": epoch, "image_shape": [3, 1, 1]})
+    verbosity = absl_logging.get_verbosity()  # cli.main, run in this process by other tests, sets errors only
+    absl_logging.set_verbosity(absl_logging.WARNING)
+    try:
+        with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
+            run.restore_or_start(state, resume=False)
+            for epoch in (1, 2):
+                run.save(state, {"epoch": epoch, "step": epoch, "image_shape": [3, 1, 1]})
+    finally:
+        absl_logging.set_verbosity(verbosity)
     assert "tracked_metric" not in caplog.text and checkpoint.latest_epoch(tmp_path) == 2
 
 

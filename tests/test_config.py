@@ -3,6 +3,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -93,6 +94,11 @@ def test_numpy_scalars_become_python_numbers():
     assert [type(v) for v in (c.epochs, c.learning_rate, c.shard_params, c.model)] == [int, float, bool, str]
     assert json.loads(c.to_json())["epochs"] == 3
     assert c == config.tiny().replace(epochs=3, learning_rate=0.5, shard_params=True, model="bn")
+    # A float32 keeps the decimal it was written as (a resume with 0.1 was refused as a changed field), JAX scalars
+    # and 0-d arrays are numbers too.
+    for rate in (np.float32(0.1), jnp.float32(0.1), np.array(0.1), jnp.asarray(0.1)):
+        assert config.tiny().replace(learning_rate=rate).learning_rate == 0.1, rate
+    assert config.tiny().replace(epochs=jnp.int32(4)).epochs == 4
 
 
 def test_unknown_preset():
