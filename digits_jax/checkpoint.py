@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import time
 import typing
 import warnings
@@ -585,6 +587,7 @@ def _other_shape(directory: Path, target: Any) -> tuple[tuple[int, ...], tuple[i
 def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstract_state: Callable[[Any], Any],
                     directory: Path) -> tuple[int, Any, Any]:
     """(step, state, meta with .config and .record) of the first of `steps` that reads back intact."""
+    quiet_closed_loop_callbacks()  # before any read: a failed one's callbacks come during and after it
     for step in steps:
         where = directory / str(step)
         try:
@@ -630,6 +633,21 @@ def _restore_intact(manager: ocp.CheckpointManager, steps: Sequence[int], abstra
     raise FileNotFoundError(f"no intact checkpoint in {directory} (tried epochs {list(steps)}): move that directory "
                             "aside and train again in a new --workdir (from Python: if they are intact, check that "
                             "model= and tx= match the ones that were trained)")
+
+
+def quiet_closed_loop_callbacks() -> None:
+    """Installs (once per process) an unraisable hook that drops the "Event loop is closed" errors of TensorStore
+    callbacks: after a failed checkpoint read they reach Orbax's closed event loop later, at random, each printing a
+    traceback (up to ~1,000 lines) after the one line that said what happened. Anything else goes to the hook that
+    was there. Restoring a checkpoint installs it; so does the command line."""
+    hook = sys.unraisablehook
+    if not (isinstance(hook, functools.partial) and hook.func is _drop_closed_loop_callbacks):
+        sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, hook)
+
+
+def _drop_closed_loop_callbacks(previous: Callable[[Any], Any], unraisable: Any) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+        previous(unraisable)
 
 
 def _warn_skipped(where: Path, error: Exception) -> None:

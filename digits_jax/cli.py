@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import functools
 import json
 import os
 import select
@@ -12,11 +11,12 @@ import sys
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TextIO
 
 import numpy as np
 from absl import logging as absl_logging
 
+from digits_jax import checkpoint
 from digits_jax import config as config_lib
 from digits_jax.checkpoint import OptimizerStateAsSavedWarning, RunInUseError
 from digits_jax.ensemble import METHODS
@@ -181,14 +181,6 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"digits-jax: warning: {message}", file=sys.stderr)
 
 
-def _drop_closed_loop_callbacks(previous: Callable[[sys.UnraisableHookArgs], Any],
-                                unraisable: sys.UnraisableHookArgs) -> None:
-    # After a failed checkpoint read, TensorStore's pending callbacks reach Orbax's closed event loop, each printing a
-    # traceback of "Event loop is closed" (up to ~1,000 lines) after the one line that says what happened.
-    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
-        previous(unraisable)
-
-
 def _nonempty(text: str) -> str:
     if not text:  # an unset variable in a script (--data-dir "$DIR"): not the option's default
         raise argparse.ArgumentTypeError("empty: give a value, or leave the option out for its default")
@@ -323,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     absl_logging.set_verbosity(absl_logging.ERROR)
     warnings.showwarning = _show_warning
     warnings.simplefilter("ignore", OptimizerStateAsSavedWarning)  # no command trains on a restored state
-    sys.unraisablehook = functools.partial(_drop_closed_loop_callbacks, sys.unraisablehook)
+    checkpoint.quiet_closed_loop_callbacks()  # as restore() does: also for reads that fail elsewhere
     return reporting_errors(f"digits-jax {args.command}", lambda: args.run(args),
                             RESUME_HINT if args.command == "train" else "")
 

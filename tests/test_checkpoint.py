@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import types
 import warnings
 from pathlib import Path
 
@@ -385,6 +387,23 @@ def test_a_validation_accuracy_without_track_best_is_refused(tmp_path, tiny_conf
         with pytest.raises(ValueError, match=r"has 'validation_accuracy' but this RunDir was made with "
                                              r"track_best=False.*make it with track_best=True"):
             run.save(state, {"epoch": 1, "step": 1, "image_shape": [3, 1, 1], "validation_accuracy": 0.9})
+
+
+def test_restoring_past_a_damaged_checkpoint_quiets_the_reads_it_left_behind(finished_run, tmp_path, monkeypatch):
+    """From Python (the CLI drops them), falling back past truncated array files printed up to ~100 lines of
+    "Event loop is closed" tracebacks afterwards, at random: the failed read's TensorStore callbacks."""
+    workdir = tmp_path / "run"
+    shutil.copytree(finished_run[0], workdir)
+    for array_file in (workdir / "checkpoints" / "2" / "state" / "d").iterdir():
+        array_file.write_bytes(array_file.read_bytes()[:array_file.stat().st_size // 2])
+    passed_on = []
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    with pytest.warns(checkpoint.CheckpointSkippedWarning, match="skipping damaged checkpoint"):
+        assert checkpoint.restore(workdir, step="latest").epoch == 1
+    assert sys.unraisablehook.args == (passed_on.append,)  # installed over the hook that was there
+    sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed")))
+    sys.unraisablehook(types.SimpleNamespace(exc_value=RuntimeError("something else")))
+    assert [str(u.exc_value) for u in passed_on] == ["something else"]
 
 
 def test_a_damaged_epoch_asked_for_by_number_names_the_intact_ones(finished_run, tmp_path):

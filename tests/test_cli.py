@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -298,7 +297,7 @@ def test_a_name_that_makes_no_run_directory_under_runs_is_refused(tmp_path, caps
     assert not (tmp_path / "runs").exists()
 
 
-def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys, monkeypatch):
+def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys, monkeypatch, tmp_path):
     """TensorStore's callbacks into Orbax's closed loop printed up to ~1,000 lines of tracebacks after the error."""
     from digits_jax import cli
 
@@ -310,7 +309,10 @@ def test_closed_event_loop_callbacks_after_a_failed_read_are_not_printed(capsys,
             raise self.error
 
     passed_on = []
-    monkeypatch.setattr(sys, "unraisablehook", functools.partial(cli._drop_closed_loop_callbacks, passed_on.append))
+    monkeypatch.setattr(sys, "unraisablehook", passed_on.append)
+    cli.main(["runs", str(tmp_path)])  # any command installs it
+    checkpoint.quiet_closed_loop_callbacks()  # once: the hook is not wrapped twice
+    assert sys.unraisablehook.args == (passed_on.append,)
     RaisesWhenCollected(RuntimeError("Event loop is closed"))
     RaisesWhenCollected(RuntimeError("something else"))
     assert [str(u.exc_value) for u in passed_on] == ["something else"]  # to the hook that was there before
