@@ -180,8 +180,9 @@ def check_out(parser: argparse.ArgumentParser, out: Path) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as error:
         parser.error(f"--out {out}: cannot make its folder ({error.strerror})")
-    if not os.access(out.parent, os.W_OK):
-        parser.error(f"--out {out}: its folder {out.parent} is not writable")
+    if not os.access(out if out.exists() else out.parent, os.W_OK):
+        parser.error(f"--out {out}: not writable" if out.exists() else
+                     f"--out {out}: its folder {out.parent} is not writable")
 
 
 def main() -> None:
