@@ -457,6 +457,8 @@ def restore(path: str | Path, *, step: int | str = "best", model: nn.Module | No
         saved it); default: this process's first device.
     Returns:
       Restored(state, config, record, epoch) with `state` a TrainState like the one that was saved.
+    Like every checkpoint read here, it installs (once) `quiet_closed_loop_callbacks`' hook, which drops the "Event
+    loop is closed" errors a failed read leaves behind and passes every other unraisable error on.
     """
     from digits_jax.train import create_train_state  # train imports this module
 

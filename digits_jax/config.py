@@ -60,8 +60,8 @@ class Config:
             value = getattr(self, spec.name)
             if getattr(value, "shape", None) == () and hasattr(value, "dtype"):
                 plain = value.item()
-                if isinstance(plain, float) and np.dtype(value.dtype).itemsize < 8:
-                    plain = float(str(value))
+                if value.dtype in (np.float16, np.float32):  # whatever NumPy's print options
+                    plain = float(np.format_float_positional(np.dtype(value.dtype).type(plain), unique=True))
                 object.__setattr__(self, spec.name, plain)
 
     def replace(self, **changes: Any) -> Config:

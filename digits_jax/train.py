@@ -85,8 +85,10 @@ def create_train_state(config: Config, model: nn.Module, image_shape: tuple[int,
         raise ValueError(f"{type(model).__name__} cannot take images of {tuple(image_shape)} (height, width, "
                          "channels): its convolutions and pools leave nothing of them; give larger images or another "
                          "model") from None
-    if getattr(logits, "ndim", None) != 2:  # e.g. a convolutional head not flattened: the loss fails deep in JAX
-        given = f"logits of shape {logits.shape}" if hasattr(logits, "shape") else f"a {type(logits).__name__}"
+    shape = getattr(logits, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != 1:
+        # e.g. a convolutional head not flattened, or reshaped to (-1, classes): the loss fails deep in JAX
+        given = f"logits of shape {shape}" if shape is not None else f"a {type(logits).__name__}"
         raise ValueError(f"the model gives {given} for a batch of 1 image: give a model that returns (batch, "
                          "num_classes) logits (flatten its last features)")
     if logits.shape[-1] != config.num_classes:  # the loss would ignore the classes beyond it, or miscount

@@ -53,6 +53,17 @@ def one_device(env: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+@pytest.fixture(autouse=True)
+def absl_verbosity_put_back():
+    """cli.main, which many tests run in this process, logs absl at errors only: without this, every later test that
+    checks that Orbax logs no warning would pass whatever Orbax did."""
+    from absl import logging as absl_logging
+
+    verbosity = absl_logging.get_verbosity()
+    yield
+    absl_logging.set_verbosity(verbosity)
+
+
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
     if not SHARED_MNIST.is_dir():

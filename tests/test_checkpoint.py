@@ -367,15 +367,11 @@ def test_a_record_without_validation_accuracy_saves_quietly_with_track_best(tmp_
     """Orbax logged "Requested `tracked_metric`; did not provide metrics." at every save of one's own loop that
     kept RunDir's default (track_best with a validation split)."""
     state = {"w": jax.numpy.zeros(3)}
-    verbosity = absl_logging.get_verbosity()  # cli.main, run in this process by other tests, sets errors only
-    absl_logging.set_verbosity(absl_logging.WARNING)
-    try:
-        with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
-            run.restore_or_start(state, resume=False)
-            for epoch in (1, 2):
-                run.save(state, {"epoch": epoch, "step": epoch, "image_shape": [3, 1, 1]})
-    finally:
-        absl_logging.set_verbosity(verbosity)
+    absl_logging.set_verbosity(absl_logging.WARNING)  # the default, which conftest puts back after each test
+    with checkpoint.RunDir(tmp_path, tiny_config, keep=1) as run:
+        run.restore_or_start(state, resume=False)
+        for epoch in (1, 2):
+            run.save(state, {"epoch": epoch, "step": epoch, "image_shape": [3, 1, 1]})
     assert "tracked_metric" not in caplog.text and checkpoint.latest_epoch(tmp_path) == 2
 
 

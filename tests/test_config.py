@@ -99,6 +99,8 @@ def test_numpy_scalars_become_python_numbers():
     for rate in (np.float32(0.1), jnp.float32(0.1), np.array(0.1), jnp.asarray(0.1)):
         assert config.tiny().replace(learning_rate=rate).learning_rate == 0.1, rate
     assert config.tiny().replace(epochs=jnp.int32(4)).epochs == 4
+    with np.printoptions(legacy="1.13"):  # str() would give 0.123457, another float32
+        assert config.tiny().replace(learning_rate=np.float32(0.123456789)).learning_rate == 0.12345679
 
 
 def test_unknown_preset():

@@ -303,6 +303,12 @@ class Scalar(nn.Module):
         return nn.Dense(1)(x.reshape(-1)).sum()
 
 
+class Reshaped(nn.Module):
+    @nn.compact
+    def __call__(self, x, train=False):
+        return nn.Conv(10, (3, 3), strides=14)(x).reshape(-1, 10)  # (B, 2, 2, 10) -> (4 B, 10)
+
+
 class Pair(nn.Module):
     @nn.compact
     def __call__(self, x, train=False):
@@ -317,6 +323,8 @@ def test_a_model_whose_logits_are_not_batch_by_classes_is_named(tiny_config):
         train.create_train_state(tiny_config, Unflattened(), (28, 28, 1), optax.sgd(0.5))
     with pytest.raises(ValueError, match=r"the model gives logits of shape \(\) for a batch of 1 image"):
         train.create_train_state(tiny_config, Scalar(), (28, 28, 1), optax.sgd(0.5))  # was an IndexError
+    with pytest.raises(ValueError, match=r"the model gives logits of shape \(4, 10\) for a batch of 1 image"):
+        train.create_train_state(tiny_config, Reshaped(), (28, 28, 1), optax.sgd(0.5))  # failed at the first step
     with pytest.raises(ValueError, match=r"the model gives a tuple for a batch of 1 image"):
         train.create_train_state(tiny_config, Pair(), (28, 28, 1), optax.sgd(0.5))  # was an AttributeError
 
