@@ -411,11 +411,11 @@ def check_split(arrays: dict[str, Any], origin: str, num_classes: int | None = N
 def with_source(config: Config, data_dir: str | None = None, dataset: str | None = None) -> Config:
     """`config` reading its data from `data_dir`, as `dataset` (any name but "mnist" skips the MNIST checksums),
     where given: `eval`'s and `report`'s --data-dir and --dataset. With a `dataset` other than config's, no
-    training images are held out (validation_size 0): another dataset's files are scored whole, however many
-    training images they have."""
+    training images are held out (validation_size 0) and none are left out (train_limit None): another dataset's
+    files are scored whole, however many training images they have."""
     changes: dict[str, Any] = {"data_dir": data_dir} if data_dir else {}
-    if dataset and dataset != config.dataset:
-        changes |= {"dataset": dataset, "validation_size": 0}
+    if dataset and dataset != config.dataset:  # nor cut to the run's train_limit (a tiny run scored 256 of 60,000)
+        changes |= {"dataset": dataset, "validation_size": 0, "train_limit": None}
     return config.replace(**changes)
 
 

@@ -684,3 +684,12 @@ def test_tfds_without_network_still_names_an_error_of_another_kind(monkeypatch: 
     with pytest.raises(DataError, match=r"could not read or download 'cifar10' \(NotImplementedError: no data source "
                                         r"for the tfrecord format\): the name .* does not resolve"):
         load_tfds("cifar10")
+
+
+def test_another_dataset_is_scored_whole_whatever_the_runs_limits(tiny_config):
+    """eval --dataset custom --split train of a tiny run (train_limit 512) scored 512 of 60,000 images, silently."""
+    other = data.with_source(tiny_config, "/elsewhere", "custom")
+    assert (other.dataset, other.data_dir, other.validation_size, other.train_limit) == ("custom", "/elsewhere", 0,
+                                                                                         None)
+    same = data.with_source(tiny_config, "/elsewhere", tiny_config.dataset)  # the run's own: its splits as trained
+    assert (same.validation_size, same.train_limit) == (tiny_config.validation_size, tiny_config.train_limit)
