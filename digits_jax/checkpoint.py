@@ -168,8 +168,8 @@ class RunDir:
             records = read_records(self.path)
             if records and not resume:
                 raise FileExistsError(f"{self.path} holds the records of a run ({len(records)} epochs in {METRICS}) "
-                                      "but no checkpoint; pass --resume to train it again from the start, "
-                                      "replacing them, or choose a new --workdir")
+                                      "but no checkpoint; pass --resume (from Python: resume=True) to train it "
+                                      "again from the start, replacing them, or choose a new --workdir")
             if records:  # replaced only by the same run trained again (scripts resume whatever is there)
                 self._check_saved_config()
             if self.primary:
@@ -178,7 +178,8 @@ class RunDir:
             return state
         if not resume:
             raise FileExistsError(f"{self.path} already holds a run (checkpoint after epoch {latest}); "
-                                  "pass --resume to continue it, or choose a new --workdir")
+                                  "pass --resume (from Python: resume=True) to continue it, or choose a new "
+                                  "--workdir")
         self._check_saved_config()
         abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding), state)
 

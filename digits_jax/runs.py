@@ -43,8 +43,8 @@ def table(workdirs: Iterable[str | Path]) -> pd.DataFrame:
         row = {"run": str(workdir), **{k: config.get(k, float("nan")) for k in (*CONFIG_COLUMNS, *differing)}}
         if records and records[-1].get("custom_model"):
             row["model"] = records[-1]["custom_model"]
-        if records and records[-1].get("custom_tx"):
-            row["optimizer"] = "custom tx"
+        if records and records[-1].get("custom_tx"):  # config's optimizer settings were not used
+            row |= {"optimizer": "custom tx", "learning_rate": float("nan"), "schedule": float("nan")}
         rows.append(row | results)
     return pd.DataFrame(rows).set_index("run") if rows else pd.DataFrame()
 

@@ -116,7 +116,8 @@ def predict_png(predictor: Predictor, body: bytes) -> dict[str, Any]:
     except Exception as e:  # OSError mostly, but damaged files also make Pillow raise TypeError, ValueError...
         reason = "not a format Pillow knows" if isinstance(e, UnidentifiedImageError) else str(e)
         raise RequestError(HTTPStatus.BAD_REQUEST, f"the body is not a readable image ({reason}); POST the "
-                           "drawing as a PNG file") from e
+                           "drawing's PNG bytes as the whole body (Content-Type: image/png; a multipart form, as "
+                           "curl -F sends, is not read: use curl --data-binary @FILE)") from e
     try:
         digit = preprocess(pixels)
     except ValueError as e:
@@ -169,7 +170,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _read_body(self) -> bytes:
         text = self.headers.get("Content-Length")
         if text is None:
-            raise RequestError(HTTPStatus.BAD_REQUEST, "no body: POST the drawing as a PNG file, with Content-Length")
+            raise RequestError(HTTPStatus.BAD_REQUEST, "no body: POST the drawing's PNG bytes as the whole body, with "
+                               "Content-Length (a chunked upload is not read)")
         if not (text.isascii() and text.isdigit()):
             raise RequestError(HTTPStatus.BAD_REQUEST, f"Content-Length {text!r} is not a number of bytes")
         length = int(text)

@@ -88,7 +88,8 @@ def test_a_run_with_records_but_no_checkpoint_is_not_overwritten_without_resume(
     records = (workdir / "metrics.jsonl").read_text()
     shutil.rmtree(workdir / "checkpoints")  # kept the records, freed the space
     with pytest.raises(FileExistsError, match=r"holds the records of a run \(1 epochs in metrics.jsonl\) but no "
-                                              r"checkpoint; pass --resume to train it again from the start"):
+                                              r"checkpoint; pass --resume \(from Python: resume=True\) to train it "
+                                              r"again from the start"):
         train.train_and_evaluate(tiny_config.replace(epochs=1, seed=5), workdir, datasets=tiny_data)
     assert (workdir / "metrics.jsonl").read_text() == records
 

@@ -346,7 +346,8 @@ def test_runs_table_shows_what_tells_the_runs_apart(tmp_path):
 
     run("plain", {"tta_shift": 0, "ema_decay": 0.0}, [{"epoch": 1, "test_accuracy": 0.5}])
     run("ema", {"tta_shift": 0, "ema_decay": 0.9}, [{"epoch": 1, "test_accuracy": 0.6}])
-    run("mlp", {"tta_shift": 1, "ema_decay": 0.0}, [{"epoch": 1, "custom_model": "my.MLP", "custom_tx": True}])
+    run("mlp", {"tta_shift": 1, "ema_decay": 0.0, "learning_rate": 0.001, "schedule": "onecycle"},
+        [{"epoch": 1, "custom_model": "my.MLP", "custom_tx": True}])
     run("null", {}, [{"epoch": 1, "validation_accuracy": 0.5}, {"epoch": 2, "validation_accuracy": None}])
     run("number", {}, [{"epoch": 1}])
     (tmp_path / "number" / "metrics.jsonl").write_text('5\n{"epoch": 1}\n')
@@ -365,6 +366,7 @@ def test_runs_table_shows_what_tells_the_runs_apart(tmp_path):
     assert table["ema_decay"].tolist() == [0.9, 0.0, 0.0] and table["tta_shift"].tolist() == [0, 1, 0]
     assert table["model"].tolist() == ["seed", "my.MLP", "seed"]
     assert table.loc[str(tmp_path / "mlp"), "optimizer"] == "custom tx"
+    assert table.loc[str(tmp_path / "mlp"), ["learning_rate", "schedule"]].isna().all()  # config's, never used
     assert "name" in table.columns and "null" not in table.columns
 
 

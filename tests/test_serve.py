@@ -108,6 +108,9 @@ def test_empty_drawing_is_422_with_a_message(server):
     (drawing()[:200], "not a readable image"),  # a PNG cut short
     (b"", "empty body"),
     (damaged_tiff(), "not a readable image"),  # Pillow raises TypeError on it: still the body's fault, not the model's
+    # What `curl -F file=@x.png` sends: said to be unread, with the command that works (it said only "not readable").
+    (b"--b\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x.png\"\r\n\r\n" + drawing() + b"\r\n--b--\r\n",
+     "a multipart form, as curl -F sends, is not read: use curl --data-binary @FILE"),
 ])
 def test_malformed_bodies_are_400(server, body, message, capsys):
     status, headers, answer = request(server, "/predict", body, method="POST")
@@ -139,7 +142,7 @@ def test_oversized_body_is_413_before_it_is_read(server):
     ({"Content-Length": "lots"}, "'lots' is not a number of bytes"),
     ({"Content-Length": "-5"}, "'-5' is not a number of bytes"),
     ({"Content-Length": "\u00b2"}, "'\u00b2' is not a number of bytes"),  # a digit to str.isdigit(), not to int()
-    ({}, "no body"),
+    ({}, "no body: POST the drawing's PNG bytes as the whole body, with Content-Length (a chunked upload is not"),
 ])
 def test_missing_or_bad_content_length_is_400(server, headers, message):
     status, error = raw_post(server, {"Content-Type": "image/png"} | headers)
