@@ -1,5 +1,3 @@
-import sys
+from digits_jax.cli import entry
 
-from digits_jax.cli import main
-
-sys.exit(main())
+entry()

@@ -244,4 +244,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("bench.py", main))
+    cli.exit_process(cli.reporting_errors("bench.py", main))

@@ -166,4 +166,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("bench_peers.py", main))
+    cli.exit_process(cli.reporting_errors("bench_peers.py", main))

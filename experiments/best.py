@@ -16,7 +16,6 @@ of the best one in each of seeds 0-3.
 
 import argparse
 import json
-import sys
 import time
 
 from digits_jax import checkpoint, cli, config, data, train
@@ -92,4 +91,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("best.py", main, RERUN))
+    cli.exit_process(cli.reporting_errors("best.py", main, RERUN))

@@ -161,4 +161,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("chaos.py", main))
+    cli.exit_process(cli.reporting_errors("chaos.py", main))

@@ -16,7 +16,6 @@ strided alone. The best ensemble so far, 99.73% (an H200; experiments/results/ac
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -74,4 +73,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("ensemble.py", main, RERUN))
+    cli.exit_process(cli.reporting_errors("ensemble.py", main, RERUN))

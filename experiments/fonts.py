@@ -15,7 +15,6 @@ and 2: 98.8%, 97.7%); every font 100% but DejaVu Sans 96.7% and Sans ExtraLight 
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -102,4 +101,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("fonts.py", main))
+    cli.exit_process(cli.reporting_errors("fonts.py", main))

@@ -18,7 +18,6 @@ smoke test, seconds per rung).
 import argparse
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -142,4 +141,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("ladder.py", main, RERUN))
+    cli.exit_process(cli.reporting_errors("ladder.py", main, RERUN))

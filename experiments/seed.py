@@ -35,4 +35,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.reporting_errors("seed.py", main, cli.RESUME_HINT))
+    cli.exit_process(cli.reporting_errors("seed.py", main, cli.RESUME_HINT))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -391,3 +392,20 @@ def test_eval_report_and_runs_answer_surprising_input_plainly(cli_run, tmp_path,
     out = capsys.readouterr().out
     assert "98.77" in out and "98.765" not in out and "0.0001" in out  # measured columns rounded, config not
     assert out.count(str(run)) == 1
+
+
+def test_ctrl_c_during_a_compilation_exits_130_not_with_a_crash(tmp_path):
+    """Interrupted while XLA compiled (whose threads outlive the KeyboardInterrupt), `digits-jax train` printed its
+    one line and then crashed in Python's teardown: "Fatal Python error: Segmentation fault", exit -11, 6 of 6 tries."""
+    # The child handles SIGINT whatever this process does with it (a pytest-xdist worker may ignore it).
+    code = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+            "runpy.run_module('digits_jax', run_name='__main__')")
+    process = subprocess.Popen([sys.executable, "-c", code, "train", "--config", "tiny", "--set", "epochs=1",
+                                "--workdir", str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=one_device() | {"JAX_COMPILATION_CACHE_DIR": ""})
+    assert process.stdout.readline().startswith("start ")  # the epoch's compilation comes next
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.startswith("digits-jax train: interrupted;") and "Fatal Python error" not in stderr
+    assert "compiled" not in stdout  # it was interrupted there, not after
