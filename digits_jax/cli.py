@@ -24,7 +24,7 @@ from digits_jax.train import NonFiniteError
 
 
 def _train(args: argparse.Namespace) -> int:
-    from digits_jax import checkpoint, train
+    from digits_jax import train
 
     config = config_lib.get(args.config)
     if args.data_dir:
@@ -38,16 +38,21 @@ def _train(args: argparse.Namespace) -> int:
         raise ValueError(f"config.name = {config.name!r} makes no run directory under runs/ (the default "
                          "--workdir runs/NAME): give a name, or --workdir")
     workdir = args.workdir or f"runs/{config.name}"
-    if args.resume and checkpoint.latest_epoch(workdir) is None:  # a mistyped --workdir would retrain silently
-        checkpoint.check_run_directory(Path(workdir))  # a refusal, if any, before saying that a run starts
-        print(f"digits-jax train: nothing to resume in {workdir} (no checkpoint there): starting a new run",
-              file=sys.stderr)
+    say_if_nothing_to_resume("digits-jax train", workdir, args.resume)
     train.train_and_evaluate(config, workdir, resume=args.resume)
     return 0
 
 
+def say_if_nothing_to_resume(prog: str, workdir: str, resume: bool) -> None:
+    """With `resume` and no checkpoint in `workdir`, says on stderr that a new run starts (a mistyped --workdir
+    would otherwise retrain silently); a directory no run may use is refused first."""
+    if resume and checkpoint.latest_epoch(workdir) is None:
+        checkpoint.check_run_directory(Path(workdir))  # a refusal, if any, before saying that a run starts
+        print(f"{prog}: nothing to resume in {workdir} (no checkpoint there): starting a new run", file=sys.stderr)
+
+
 def _eval(args: argparse.Namespace) -> int:
-    from digits_jax import checkpoint, data, train
+    from digits_jax import data, train
 
     if len(args.checkpoint) > 1:
         return _eval_ensemble(args)
@@ -85,7 +90,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _eval_ensemble(args: argparse.Namespace) -> int:
-    from digits_jax import checkpoint, data, ensemble
+    from digits_jax import data, ensemble
 
     method = args.method or "mean"
     restored = [checkpoint.restore(path, step=args.step) for path in args.checkpoint]

@@ -8,9 +8,7 @@ Measured: 98.51% after 10 epochs, 192 s wall (163 s of it training) on the 2-cor
 """
 
 import argparse
-import sys
 import time
-from pathlib import Path
 
 from digits_jax import checkpoint, cli, config, train
 
@@ -22,10 +20,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.workdir:  # an unset shell variable: it would train in the current directory
         parser.error("--workdir is empty: give a directory, or leave it out for the default")
-    if args.resume and checkpoint.latest_epoch(args.workdir) is None:  # a mistyped --workdir would retrain silently
-        checkpoint.check_run_directory(Path(args.workdir))
-        print(f"seed.py: nothing to resume in {args.workdir} (no checkpoint there): starting a new run",
-              file=sys.stderr)
+    cli.say_if_nothing_to_resume("seed.py", args.workdir, args.resume)
     start = time.perf_counter()
     train.train_and_evaluate(config.seed(), args.workdir, resume=args.resume)
     records = checkpoint.read_records(args.workdir)
