@@ -50,13 +50,13 @@ def main() -> None:
     workdirs = [run_dir(c) for c in configs]
     splits = data.load(configs[0])  # the data fields are the recipe's, the same for every member
     restored = [train_blind(c, w, splits) for c, w in zip(configs, workdirs, strict=True)]
-    members = [(r.state.apply_fn, r.state.variables) for r in restored]
     run_config = restored[0].config
     scored = [split for split in ("validation", "test") if len(splits[split]["label"])]  # validation_size=0: none
     if args.validation_only:
         scored = ["validation"]
-    result = {split: ensemble.evaluate(members, splits[split], args.method, run_config.eval_batch_size,
-                                       [r.config.tta_shift for r in restored]) for split in scored}
+    # Each member with its own run's test-time shifts, which ensemble.evaluate reads from a Restored.
+    result = {split: ensemble.evaluate(restored, splits[split], args.method, run_config.eval_batch_size)
+              for split in scored}
     shown = result[scored[-1]]  # the test split's, unless left out
     if scored[-1] != "test":
         others = "test set not scored"
@@ -64,7 +64,7 @@ def main() -> None:
         others = f"validation {100 * result['validation']['accuracy']:.2f}%"
     else:
         others = "no validation split"
-    print(f"ensemble of {len(members)} ({args.method}): {scored[-1]} accuracy {100 * shown['accuracy']:.2f}% "
+    print(f"ensemble of {len(restored)} ({args.method}): {scored[-1]} accuracy {100 * shown['accuracy']:.2f}% "
           f"({others}); members "
           + ", ".join(f"{Path(w).name} {100 * a:.2f}%" for w, a in zip(workdirs, shown["member_accuracies"],
                                                                           strict=True))
